@@ -1,0 +1,729 @@
+"""The causal graph of one node (DESIGN §4).
+
+Vertices are processes, resources and errors; edges are Consumes (process → resource),
+WaitsOn (process → resource or job) and BlockedBy (resource/process → error). Every edge
+is stored on its source with a reverse index where `why` needs one, so ``apply`` is O(1)
+amortised: no scan over all edges, ever. Everything is bounded and evicts oldest first,
+counting what it evicted.
+
+Time: ``Event.ts`` is the sender's clock and is what users see; windows (error expiry,
+tombstones, staleness) run on the receiver's injected clock, so a node with a skewed clock
+cannot expire everybody's errors.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from xctl.core.catalog import HEALTHY_VALUES, code_info
+from xctl.core.clock import Clock
+from xctl.core.events import ERROR_TYPES, AttrValue, Event, EventType
+
+#: process.state values that end a process (it becomes a tombstone).
+ENDED_STATES: Final = frozenset({"exit", "killed", "oom_killed"})
+#: Attributes with a leading underscore carry snapshot bookkeeping, never probe data.
+_COUNT, _FIRST, _AGE, _HIST, _JOBS = "_count", "_first", "_age", "_hist", "_jobs"
+_PROCESS_ATTRS: Final = ("name", "cmdline", "create_time", "ppid", "rank", "local_rank", "world_size", "exit_code")
+_MAX_JOBS_PER_CODE: Final = 8
+
+
+@dataclass(frozen=True, slots=True)
+class GraphLimits:
+    """Windows and caps of one node's graph (all times in milliseconds)."""
+
+    error_ttl_ms: int = 5 * 60_000
+    tombstone_ttl_ms: int = 10 * 60_000
+    stale_intervals: int = 3
+    default_interval_ms: int = 1_000
+    max_processes: int = 4_096
+    max_tombstones: int = 1_024
+    max_resources: int = 2_048
+    max_errors: int = 2_048
+    max_history_entities: int = 256
+    max_history_codes: int = 64
+    max_intents: int = 256
+    #: storage await (ms) above which a device a process waits on counts as slow.
+    slow_await_ms: float = 100.0
+    #: transport bandwidth (Gbit/s) at or below which a process using it counts as stalled.
+    stall_gbps: float = 0.0
+
+
+def base_entity(entity: str) -> str:
+    """``gpu-1/nvlink-2`` → ``gpu-1``: sub-resources block their parent's consumers."""
+    cut = entity.find("/")
+    return entity if cut < 0 else entity[:cut]
+
+
+def as_float(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+@dataclass(slots=True)
+class Usage:
+    """A Consumes edge: the latest per-process samples of one resource."""
+
+    entity: str
+    util: Event | None = None
+    mem: Event | None = None
+
+    @property
+    def util_pct(self) -> float | None:
+        return None if self.util is None else as_float(self.util.value)
+
+    @property
+    def mem_used_mib(self) -> float | None:
+        if self.mem is None:
+            return None
+        used = self.mem.attrs.get("used_mib")
+        return float(used) if isinstance(used, int | float) and not isinstance(used, bool) else None
+
+
+@dataclass(slots=True)
+class Wait:
+    """A WaitsOn edge: to a resource entity or to ``job:ID`` (the job's peers)."""
+
+    target: str
+    reason: str
+    first: Event
+    last: Event
+
+
+@dataclass(slots=True)
+class Process:
+    pid: int
+    create_time: float | None
+    name: str
+    state: str
+    state_event: Event
+    first_ts: int
+    job: str | None = None
+    attrs: dict[str, AttrValue] = field(default_factory=dict)
+    consumes: dict[str, Usage] = field(default_factory=dict)
+    waits: dict[str, Wait] = field(default_factory=dict)
+    ended_recv: int | None = None
+    d_state_since: Event | None = None
+
+    @property
+    def rank(self) -> int | None:
+        rank = self.attrs.get("rank")
+        if isinstance(rank, int) and not isinstance(rank, bool):
+            return rank
+        if isinstance(rank, str) and rank.isdigit():
+            return int(rank)
+        return None
+
+    @property
+    def alive(self) -> bool:
+        return self.ended_recv is None
+
+    def gpus(self) -> Iterator[Usage]:
+        return (u for e, u in self.consumes.items() if e.startswith("gpu-"))
+
+
+@dataclass(slots=True)
+class Resource:
+    entity: str
+    last_recv: int
+    interval_ms: int
+    metrics: dict[EventType, Event] = field(default_factory=dict)
+    consumers: set[int] = field(default_factory=set)
+
+    def metric(self, etype: EventType) -> float | None:
+        ev = self.metrics.get(etype)
+        return None if ev is None else as_float(ev.value)
+
+
+@dataclass(slots=True)
+class ErrorVertex:
+    entity: str
+    code: str
+    type: EventType
+    first: Event
+    last: Event
+    first_recv: int
+    touch: int
+    count: int = 1
+    condition: bool = False
+    pids: set[int] = field(default_factory=set)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.entity, self.code)
+
+
+@dataclass(slots=True)
+class CodeHistory:
+    """Counts of one code on one GPU over hours, and the jobs it hit (repeat patterns)."""
+
+    count: int
+    first_ts: int
+    last_ts: int
+    jobs: list[str] = field(default_factory=list)
+
+    def add_job(self, job: str | None) -> None:
+        if job and job not in self.jobs:
+            self.jobs.append(job)
+            del self.jobs[:-_MAX_JOBS_PER_CODE]
+
+
+class NodeGraph:
+    """The local causal graph of one node. Not thread-safe: one owner thread applies."""
+
+    def __init__(self, node: str, clock: Clock, limits: GraphLimits | None = None) -> None:
+        self.node = node
+        self.clock = clock
+        self.limits = limits or GraphLimits()
+        self.processes: OrderedDict[int, Process] = OrderedDict()
+        self.tombstones: OrderedDict[tuple[int, float | None], Process] = OrderedDict()
+        self.resources: OrderedDict[str, Resource] = OrderedDict()
+        self.errors: OrderedDict[tuple[str, str], ErrorVertex] = OrderedDict()
+        self.conditions: dict[tuple[str, str], ErrorVertex] = {}
+        self.errors_by_base: dict[str, set[tuple[str, str]]] = {}
+        self.errors_by_pid: dict[int, set[tuple[str, str]]] = {}
+        self.history: OrderedDict[str, dict[str, CodeHistory]] = OrderedDict()
+        self.jobs: dict[str, set[int]] = {}
+        self.intents: OrderedDict[tuple[str, str], Event] = OrderedDict()
+        self.evicted: dict[str, int] = {"processes": 0, "tombstones": 0, "resources": 0, "errors": 0}
+        self.ignored: dict[str, int] = {}
+        self.applied = 0
+        self._next_expiry = 0
+        self._tomb_by_pid: dict[int, tuple[int, float | None]] = {}
+
+    # ------------------------------------------------------------------ apply
+    def apply(self, event: Event) -> None:
+        """Fold one event into the graph. Never raises on a well-typed event."""
+        now = self.clock()
+        self.applied += 1
+        etype = event.type
+        if etype is EventType.PROCESS_STATE:
+            self._apply_state(event, now)
+        elif etype in ERROR_TYPES:
+            self._apply_error(event, now)
+        elif etype is EventType.INTENT_RUN:
+            self._remember_intent(event)
+        elif etype is EventType.ACTION_EXEC:
+            self._apply_action(event)
+        else:
+            self._apply_metric(event, now)
+        if now >= self._next_expiry:
+            self.expire(now)
+
+    def apply_all(self, events: Iterable[Event]) -> None:
+        for event in events:
+            self.apply(event)
+
+    def _ignore(self, reason: str) -> None:
+        self.ignored[reason] = self.ignored.get(reason, 0) + 1
+
+    # process.state ------------------------------------------------------------
+    def _apply_state(self, event: Event, now: int) -> None:
+        pid = event.pid
+        if pid is None:
+            self._ignore("process_state_without_pid")
+            return
+        state = event.value
+        ctime = _create_time(event)
+        proc = self.processes.get(pid)
+        reused = ctime is not None and proc is not None and proc.create_time not in (None, ctime)
+        if proc is not None and (reused or state == "start"):
+            # The pid was reused (or the process restarted): the old one is gone.
+            self._end(proc, now)
+            proc = None
+        if proc is None:
+            if (pid, ctime) in self.tombstones:
+                self._ignore("state_after_exit")
+                return
+            proc = self._new_process(event, ctime)
+        self._merge_attrs(proc, event)
+        self.processes.move_to_end(pid)
+        if state == "d_state":
+            if proc.d_state_since is None:
+                proc.d_state_since = event
+            target = str(event.attrs.get("device") or self._storage_of(proc) or "storage")
+            self._wait(proc, target, "d_state", event)
+        elif proc.d_state_since is not None:
+            proc.d_state_since = None
+            for key in [k for k, w in proc.waits.items() if w.reason == "d_state"]:
+                del proc.waits[key]
+        proc.state = state
+        proc.state_event = event
+        if state in ENDED_STATES:
+            self._end(proc, now - _int_attr(event, _AGE, 0))
+
+    def _new_process(self, event: Event, ctime: float | None) -> Process:
+        assert event.pid is not None
+        name = str(event.attrs.get("name") or event.entity)
+        proc = Process(
+            pid=event.pid,
+            create_time=ctime,
+            name=name,
+            state=event.value if event.type is EventType.PROCESS_STATE else "running",
+            state_event=event,
+            first_ts=event.ts,
+        )
+        self.processes[event.pid] = proc
+        if len(self.processes) > self.limits.max_processes:
+            _, oldest = self.processes.popitem(last=False)
+            self._forget_process(oldest)
+            self.evicted["processes"] += 1
+        return proc
+
+    def _merge_attrs(self, proc: Process, event: Event) -> None:
+        attrs = event.attrs
+        for key in _PROCESS_ATTRS:
+            if key in attrs:
+                proc.attrs[key] = attrs[key]
+        name = attrs.get("name")
+        if isinstance(name, str) and name:
+            proc.name = name
+        if event.job and proc.job != event.job:
+            if proc.job is not None:
+                self._unindex_job(proc)
+            proc.job = event.job
+            self.jobs.setdefault(event.job, set()).add(proc.pid)
+        if proc.create_time is None:
+            proc.create_time = _create_time(event)
+
+    def _end(self, proc: Process, ended_recv: int) -> None:
+        """Move a process to the tombstones; its edges stay so `why` can explain the death."""
+        if self.processes.get(proc.pid) is proc:
+            del self.processes[proc.pid]
+        proc.ended_recv = ended_recv
+        for entity in proc.consumes:
+            res = self.resources.get(entity)
+            if res is not None:
+                res.consumers.discard(proc.pid)
+        self._unindex_job(proc)
+        key = (proc.pid, proc.create_time)
+        self.tombstones[key] = proc
+        self.tombstones.move_to_end(key)
+        self._tomb_by_pid[proc.pid] = key
+        if len(self.tombstones) > self.limits.max_tombstones:
+            self._bury(*self.tombstones.popitem(last=False))
+            self.evicted["tombstones"] += 1
+
+    def _bury(self, key: tuple[int, float | None], proc: Process) -> None:
+        if self._tomb_by_pid.get(proc.pid) == key:
+            del self._tomb_by_pid[proc.pid]
+        self._drop_pid_errors(proc.pid)
+
+    def _forget_process(self, proc: Process) -> None:
+        for entity in proc.consumes:
+            res = self.resources.get(entity)
+            if res is not None:
+                res.consumers.discard(proc.pid)
+        self._unindex_job(proc)
+
+    def _unindex_job(self, proc: Process) -> None:
+        if proc.job is None:
+            return
+        pids = self.jobs.get(proc.job)
+        if pids is not None:
+            pids.discard(proc.pid)
+            if not pids:
+                del self.jobs[proc.job]
+
+    def _tombstone(self, pid: int) -> Process | None:
+        key = self._tomb_by_pid.get(pid)
+        return None if key is None else self.tombstones.get(key)
+
+    def _storage_of(self, proc: Process) -> str | None:
+        for entity in proc.consumes:
+            res = self.resources.get(entity)
+            if res is not None and (EventType.STORAGE_IOPS in res.metrics or EventType.STORAGE_QDEPTH in res.metrics):
+                return entity
+        return None
+
+    def _process_for(self, event: Event) -> Process:
+        """The live process an event with a pid talks about, created if unknown."""
+        assert event.pid is not None
+        proc = self.processes.get(event.pid)
+        if proc is None:
+            proc = self._new_process(event, None)
+            proc.name = str(event.attrs.get("name") or "?")
+        if event.job and proc.job is None and proc.alive:
+            proc.job = event.job
+            self.jobs.setdefault(event.job, set()).add(proc.pid)
+        return proc
+
+    def _wait(self, proc: Process, target: str, reason: str, event: Event) -> None:
+        wait = proc.waits.get(target)
+        if wait is None:
+            proc.waits[target] = Wait(target, reason, event, event)
+        else:
+            wait.last = event
+
+    # metrics --------------------------------------------------------------------
+    def _apply_metric(self, event: Event, now: int) -> None:
+        res = self._resource(event.entity, now)
+        previous = res.metrics.get(event.type)
+        if previous is not None and event.ts > previous.ts:
+            # A moving estimate of the sample interval, for staleness.
+            res.interval_ms = min(max((res.interval_ms * 3 + (event.ts - previous.ts)) // 4, 100), 600_000)
+        res.last_recv = now
+        if event.pid is None:
+            res.metrics[event.type] = event
+            return
+        proc = self._process_for(event)
+        usage = proc.consumes.get(event.entity)
+        if usage is None:
+            usage = proc.consumes[event.entity] = Usage(event.entity)
+        if proc.alive:
+            res.consumers.add(proc.pid)
+        etype = event.type
+        if etype is EventType.COMPUTE_MEM:
+            usage.mem = event
+        elif etype is EventType.TRANSPORT_BW:
+            usage.util = event
+            gbps = as_float(event.value)
+            if event.value == "IO_WAIT" or (gbps is not None and gbps <= self.limits.stall_gbps):
+                self._wait(proc, event.entity, "stalled", event)
+            else:
+                proc.waits.pop(event.entity, None)
+        else:
+            usage.util = event
+
+    def _resource(self, entity: str, now: int) -> Resource:
+        res = self.resources.get(entity)
+        if res is None:
+            res = self.resources[entity] = Resource(entity, now, self.limits.default_interval_ms)
+            if len(self.resources) > self.limits.max_resources:
+                self._evict_resource()
+        else:
+            self.resources.move_to_end(entity)
+        return res
+
+    def _evict_resource(self) -> None:
+        for entity, res in self.resources.items():
+            if not res.consumers:
+                del self.resources[entity]
+                break
+        else:
+            self.resources.popitem(last=False)
+        self.evicted["resources"] += 1
+
+    # errors ---------------------------------------------------------------------
+    def _apply_error(self, event: Event, now: int) -> None:
+        code = event.value
+        if code in HEALTHY_VALUES:
+            self.clear(event.entity, code=str(event.attrs["code"]) if "code" in event.attrs else None)
+            return
+        if _HIST in event.attrs:
+            self._restore_history(event)
+            return
+        key = (event.entity, code)
+        count = _int_attr(event, _COUNT, 1)
+        recv = now - _int_attr(event, _AGE, 0)
+        err = self.errors.get(key) or self.conditions.get(key)
+        if err is None:
+            first = event
+            if _FIRST in event.attrs:
+                first = Event(_int_attr(event, _FIRST, event.ts), event.type, event.entity, code, event.pid, event.job)
+            info = code_info(code)
+            err = ErrorVertex(event.entity, code, event.type, first, event, recv, recv, count, info.condition)
+            self._add_error(err)
+        else:
+            err.count += count
+            err.last = event
+            err.touch = max(err.touch, recv)
+            if not err.condition:
+                self.errors.move_to_end(key)
+        if event.pid is not None:
+            proc = self._process_for(event)
+            err.pids.add(proc.pid)
+            self.errors_by_pid.setdefault(proc.pid, set()).add(key)
+            if code == "NCCL_TIMEOUT" or (event.type is EventType.ERROR_NET and event.entity == proc.job):
+                self._wait(proc, f"job:{event.job or proc.job or event.entity}", code, event)
+        self._record_history(event, count)
+
+    def _add_error(self, err: ErrorVertex) -> None:
+        key = err.key
+        if err.condition:
+            self.conditions[key] = err
+        else:
+            self.errors[key] = err
+        self.errors_by_base.setdefault(base_entity(err.entity), set()).add(key)
+        if len(self.errors) + len(self.conditions) > self.limits.max_errors:
+            victim = next(iter(self.errors.values()), None) or next(iter(self.conditions.values()))
+            self._drop_error(victim)
+            self.evicted["errors"] += 1
+
+    def _drop_error(self, err: ErrorVertex) -> None:
+        key = err.key
+        self.errors.pop(key, None)
+        self.conditions.pop(key, None)
+        keys = self.errors_by_base.get(base_entity(err.entity))
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self.errors_by_base[base_entity(err.entity)]
+        for pid in err.pids:
+            pkeys = self.errors_by_pid.get(pid)
+            if pkeys is not None:
+                pkeys.discard(key)
+                if not pkeys:
+                    del self.errors_by_pid[pid]
+
+    def clear(self, entity: str, code: str | None = None) -> int:
+        """The entity reports healthy (or an operator cleared it): drop its active errors."""
+        keys = [k for k in self.errors_by_base.get(base_entity(entity), ()) if k[0] == entity]
+        cleared = 0
+        for key in keys:
+            if code is None or key[1] == code:
+                err = self.errors.get(key) or self.conditions.get(key)
+                if err is not None:
+                    self._drop_error(err)
+                    cleared += 1
+        return cleared
+
+    def _record_history(self, event: Event, count: int) -> None:
+        if not event.entity.startswith("gpu-"):
+            return
+        entity = base_entity(event.entity)
+        codes = self.history.get(entity)
+        if codes is None:
+            codes = self.history[entity] = {}
+            if len(self.history) > self.limits.max_history_entities:
+                self.history.popitem(last=False)
+        entry = codes.get(event.value)
+        if entry is None:
+            if len(codes) >= self.limits.max_history_codes:
+                del codes[min(codes, key=lambda c: codes[c].last_ts)]
+            entry = codes[event.value] = CodeHistory(0, event.ts, event.ts)
+        entry.count += count
+        entry.last_ts = max(entry.last_ts, event.ts)
+        entry.add_job(self._job_of(event))
+
+    def _job_of(self, event: Event) -> str | None:
+        if event.job:
+            return event.job
+        if event.pid is not None:
+            proc = self.processes.get(event.pid)
+            if proc is not None:
+                return proc.job
+        for pid in self.resource_consumers(base_entity(event.entity)):
+            job = self.processes[pid].job
+            if job:
+                return job
+        return None
+
+    def _restore_history(self, event: Event) -> None:
+        codes = self.history.setdefault(event.entity, {})
+        jobs = str(event.attrs.get(_JOBS, ""))
+        codes[event.value] = CodeHistory(
+            _int_attr(event, _HIST, 1), _int_attr(event, _FIRST, event.ts), event.ts, [j for j in jobs.split(",") if j]
+        )
+
+    # intents and actions ------------------------------------------------------------
+    def _remember_intent(self, event: Event) -> None:
+        key = (event.entity, event.value)
+        self.intents[key] = event
+        self.intents.move_to_end(key)
+        if len(self.intents) > self.limits.max_intents:
+            self.intents.popitem(last=False)
+
+    def _apply_action(self, event: Event) -> None:
+        if event.value == "CLEAR":
+            self.clear(event.entity, code=str(event.attrs["code"]) if "code" in event.attrs else None)
+        self._remember_intent(event)
+
+    # ------------------------------------------------------------------ windows
+    def expire(self, now: int | None = None) -> None:
+        """Drop expired errors and tombstones. Amortised O(1): both are kept in expiry order."""
+        now = self.clock() if now is None else now
+        ttl = self.limits.error_ttl_ms
+        while self.errors:
+            err = next(iter(self.errors.values()))
+            if now - err.touch <= ttl:
+                break
+            if self._explains_live(err):
+                # No error expires while a process it explains is still blocked or waiting.
+                err.touch = now
+                self.errors.move_to_end(err.key)
+                continue
+            self._drop_error(err)
+        tomb_ttl = self.limits.tombstone_ttl_ms
+        while self.tombstones:
+            key, proc = next(iter(self.tombstones.items()))
+            if proc.ended_recv is not None and now - proc.ended_recv <= tomb_ttl:
+                break
+            del self.tombstones[key]
+            self._bury(key, proc)
+        self._next_expiry = now + 1_000
+
+    def _drop_pid_errors(self, pid: int) -> None:
+        if pid in self.processes:
+            return
+        for key in list(self.errors_by_pid.get(pid, ())):
+            err = self.errors.get(key) or self.conditions.get(key)
+            if err is not None:
+                err.pids.discard(pid)
+        self.errors_by_pid.pop(pid, None)
+
+    def _explains_live(self, err: ErrorVertex) -> bool:
+        for pid in err.pids:
+            proc = self.processes.get(pid)
+            if proc is not None and (proc.waits or proc.state in ("hung", "d_state")):
+                return True
+        for pid in self.resource_consumers(base_entity(err.entity)):
+            proc = self.processes[pid]
+            if proc.waits or proc.state in ("hung", "d_state"):
+                return True
+        return False
+
+    # ------------------------------------------------------------------ queries
+    def find(self, pid: int) -> Process | None:
+        """The live process with this pid, else its most recent tombstone."""
+        return self.processes.get(pid) or self._tombstone(pid)
+
+    def resource_consumers(self, base: str) -> Iterator[int]:
+        """Live pids consuming ``base`` or any of its sub-resources."""
+        res = self.resources.get(base)
+        if res is not None:
+            yield from (p for p in res.consumers if p in self.processes)
+
+    def errors_on(self, entity: str) -> list[ErrorVertex]:
+        """Active errors on an entity and its sub-resources (``gpu-1`` → ``gpu-1/nvlink-0``)."""
+        out = []
+        for key in self.errors_by_base.get(base_entity(entity), ()):
+            err = self.errors.get(key) or self.conditions.get(key)
+            if err is not None:
+                out.append(err)
+        return out
+
+    def errors_of(self, pid: int) -> list[ErrorVertex]:
+        out = []
+        for key in self.errors_by_pid.get(pid, ()):
+            err = self.errors.get(key) or self.conditions.get(key)
+            if err is not None:
+                out.append(err)
+        return out
+
+    def active_errors(self) -> Iterator[ErrorVertex]:
+        yield from self.conditions.values()
+        yield from self.errors.values()
+
+    def is_stale(self, res: Resource, now: int | None = None) -> bool:
+        now = self.clock() if now is None else now
+        return now - res.last_recv > self.limits.stale_intervals * res.interval_ms
+
+    def stale_resources(self) -> list[str]:
+        now = self.clock()
+        return [e for e, r in self.resources.items() if self.is_stale(r, now)]
+
+    def counts(self) -> dict[str, int]:
+        consumes = sum(len(p.consumes) for p in self.processes.values())
+        waits = sum(len(p.waits) for p in self.processes.values())
+        blocked = sum(len(e.pids) + 1 for e in self.active_errors())
+        return {
+            "processes": len(self.processes),
+            "tombstones": len(self.tombstones),
+            "resources": len(self.resources),
+            "errors": len(self.errors) + len(self.conditions),
+            "consumes": consumes,
+            "waits_on": waits,
+            "blocked_by": blocked,
+        }
+
+    # ------------------------------------------------------------------ snapshot
+    def snapshot_events(self) -> list[Event]:
+        """The minimal event list that rebuilds this graph (``rebuild(snapshot) == graph``)."""
+        now = self.clock()
+        out: list[Event] = []
+        for res in self.resources.values():
+            out.extend(res.metrics.values())
+        for proc in self.tombstones.values():
+            age = now - proc.ended_recv if proc.ended_recv is not None else 0
+            out.extend(_process_events(proc, age))
+        for proc in self.processes.values():
+            out.extend(_process_events(proc, None))
+        for err in self.active_errors():
+            attrs: dict[str, AttrValue] = dict(err.last.attrs)
+            attrs.update({_COUNT: err.count, _FIRST: err.first.ts, _AGE: now - err.touch})
+            out.append(Event(err.last.ts, err.type, err.entity, err.code, None, err.last.job, attrs))
+            out.extend(
+                Event(err.last.ts, err.type, err.entity, err.code, pid, err.last.job, {_COUNT: 0})
+                for pid in sorted(err.pids)
+            )
+        for entity, codes in self.history.items():
+            for code, hist in codes.items():
+                hattrs: dict[str, AttrValue] = {_HIST: hist.count, _FIRST: hist.first_ts, _JOBS: ",".join(hist.jobs)}
+                out.append(Event(hist.last_ts, EventType.ERROR_HW, entity, code, None, None, hattrs))
+        out.extend(self.intents.values())
+        return out
+
+    def digest(self) -> dict[str, Any]:
+        """A canonical, comparable view of the graph's state (tests and resync checks)."""
+
+        def proc_view(p: Process) -> tuple[Any, ...]:
+            return (
+                p.pid,
+                p.create_time,
+                p.name,
+                p.state,
+                p.job,
+                sorted(p.attrs.items()),
+                sorted(
+                    (e, u.util.value if u.util else None, u.mem.value if u.mem else None) for e, u in p.consumes.items()
+                ),
+                sorted((t, w.reason) for t, w in p.waits.items()),
+            )
+
+        return {
+            "processes": sorted(proc_view(p) for p in self.processes.values()),
+            "tombstones": sorted(proc_view(p) for p in self.tombstones.values()),
+            "resources": sorted(
+                (e, sorted((t.value, m.value) for t, m in r.metrics.items()), sorted(r.consumers))
+                for e, r in self.resources.items()
+            ),
+            "errors": sorted(
+                (e.entity, e.code, e.count, e.first.ts, e.condition, sorted(e.pids)) for e in self.active_errors()
+            ),
+            "history": sorted(
+                (ent, code, h.count, h.first_ts, h.last_ts, tuple(h.jobs))
+                for ent, codes in self.history.items()
+                for code, h in codes.items()
+            ),
+            "jobs": sorted((j, sorted(p)) for j, p in self.jobs.items()),
+            "intents": sorted((k, v.ts) for k, v in self.intents.items()),
+        }
+
+
+def _process_events(proc: Process, age: int | None) -> Iterator[Event]:
+    """A process first (so later events attach to it), then the events behind its edges."""
+    attrs: dict[str, AttrValue] = dict(proc.attrs)
+    attrs["name"] = proc.name
+    if proc.create_time is not None:
+        attrs["create_time"] = proc.create_time
+    if age is not None:
+        attrs[_AGE] = age
+    state = proc.state_event
+    entity = state.entity if state.type is EventType.PROCESS_STATE else proc.name
+    if proc.d_state_since is not None and proc.d_state_since is not state:
+        yield proc.d_state_since
+    yield Event(state.ts, EventType.PROCESS_STATE, entity, proc.state, proc.pid, proc.job, attrs)
+    for usage in proc.consumes.values():
+        if usage.util is not None:
+            yield usage.util
+        if usage.mem is not None:
+            yield usage.mem
+    # Waits need no events of their own: stalls come back with the transport sample, d_state
+    # with the state, job waits with the NCCL_TIMEOUT error events of the snapshot.
+
+
+def _create_time(event: Event) -> float | None:
+    ctime = event.attrs.get("create_time")
+    if isinstance(ctime, int | float) and not isinstance(ctime, bool):
+        return float(ctime)
+    return None
+
+
+def _int_attr(event: Event, key: str, default: int) -> int:
+    value = event.attrs.get(key, default)
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
