@@ -104,6 +104,7 @@ _CODES: Final[dict[str, CodeInfo]] = {
     "PROBE_HUNG": CodeInfo(Kind.UNKNOWN, 5, "an xctl probe hung (blind spot)"),
     # Derived by `why` from the graph, never sent by probes.
     "NODE_DOWN": CodeInfo(Kind.NODE_DOWN, 95, "node went silent"),
+    "NODE_SUSPECT": CodeInfo(Kind.NODE_DOWN, 40, "node missed its heartbeats", degrading=True),
     "HOST_OOM": CodeInfo(Kind.APPLICATION, 60, "host ran out of memory"),
     "STORAGE_SLOW": CodeInfo(Kind.STORAGE, 50, "storage I/O is slow", degrading=True),
     "ZOMBIE_GPU_MEMORY": CodeInfo(Kind.APPLICATION, 50, "a zombie process still holds GPU memory"),
