@@ -7,8 +7,13 @@ import time
 
 import pytest
 
+from xctl.core.clock import ManualClock
+from xctl.core.cluster import ClusterGraph, LivenessConfig
 from xctl.core.errors import ProbeError
 from xctl.core.events import Event, EventType
+from xctl.core.graph import GraphLimits
+from xctl.core.targets import Target
+from xctl.core.why import explain
 from xctl.probes.base import ProbeContext
 from xctl.probes.registry import make_probe
 from xctl.probes.sim import GPU_TOTAL_MIB, Fault, SimConfig, SimNode, SimProbe, parse_sim_spec
@@ -492,3 +497,43 @@ def test_probe_runs_and_stops() -> None:
     assert of(events, EventType.ERROR_HW, "XID_13")
     assert len(of(events, EventType.COMPUTE_UTIL)) >= 4
     assert beats
+
+
+# -- the story the core reads -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "target", "verdict", "root"),
+    [
+        ("xid79@gpu-3:node=node-2", ("node-1", 4800), "waiting", ("node-2", "gpu-3", "XID_79")),
+        ("xid79@gpu-3:node=node-2", ("node-2", 4803), "blocked", ("node-2", "gpu-3", "XID_79")),
+        ("xid48@gpu-1:node=node-3", ("node-1", 4801), "waiting", ("node-3", "gpu-1", "XID_48")),
+        ("nvlink_down@gpu-1:node=node-2", ("node-4", 4800), "waiting", ("node-2", "gpu-1/nvlink-0", "NVLINK_DOWN")),
+        ("thermal@gpu-2:node=node-4", ("node-1", 4800), "waiting", ("node-4", "gpu-2", "CLOCK_EVENT_HW_THERMAL")),
+        ("link_flap@mlx5_2:node=node-2", ("node-1", 4800), "waiting", ("node-2", "mlx5_2", "LINK_FLAP")),
+        ("hang@rank-9", ("node-1", 4800), "waiting", ("node-3", None, None)),
+        ("oom@rank-6", ("node-2", 4802), "exited", ("node-2", "sysmem", None)),
+    ],
+)
+def test_four_sims_tell_a_story_the_core_explains(
+    fault: str, target: tuple[str, int], verdict: str, root: tuple[str, str | None, str | None]
+) -> None:
+    """Four sim nodes with the same spec (but index) → `why` on any rank blames the one fault."""
+    clock = ManualClock(T0)
+    cluster = ClusterGraph(clock, GraphLimits(), LivenessConfig(3_000, 30_000))
+    spec = f"gpus=4,ranks=16,nodes=4,index={{i}},fault={fault}:after=5s"
+    sims = [SimNode(parse_sim_spec(spec.format(i=i)), f"node-{i + 1}", T0) for i in range(4)]
+    for t in range(0, 15_001, 1000):
+        clock.now = T0 + t
+        for sim in sims:
+            cluster.apply_all(sim.node, sim.sample(T0 + t))
+            cluster.seen(sim.node)
+    why = explain(cluster, Target(node=target[0], pid=target[1])).to_json()
+    assert why["verdict"] == verdict
+    found = why["root_cause"]
+    assert found is not None
+    assert found["node"] == root[0]
+    if root[1] is not None:
+        assert found["entity"] == root[1]
+    if root[2] is not None:
+        assert found["code"] == root[2]
