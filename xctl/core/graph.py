@@ -341,9 +341,10 @@ class NodeGraph:
         return None
 
     def _process_for(self, event: Event) -> Process:
-        """The live process an event with a pid talks about, created if unknown."""
+        """The process an event with a pid talks about: the live one, else its tombstone (a late
+        sample or error about a process that just ended), else a new live process."""
         assert event.pid is not None
-        proc = self.processes.get(event.pid)
+        proc = self.processes.get(event.pid) or self._tombstone(event.pid)
         if proc is None:
             proc = self._new_process(event, None)
             proc.name = str(event.attrs.get("name") or "?")
