@@ -230,15 +230,22 @@ class NodeGraph:
         state = event.value
         ctime = _create_time(event)
         proc = self.processes.get(pid)
+        if ctime is not None and (pid, ctime) in self.tombstones and (proc is None or proc.create_time != ctime):
+            # A late event about a process that already ended (not about the live one).
+            self._ignore("state_after_exit")
+            return
+        same = proc is not None and ctime is not None and proc.create_time == ctime
         reused = ctime is not None and proc is not None and proc.create_time not in (None, ctime)
-        if proc is not None and (reused or state == "start"):
-            # The pid was reused (or the process restarted): the old one is gone.
+        if proc is not None and (reused or (state == "start" and not same)):
+            # The pid was reused (or the process restarted): the old one is gone. A repeated
+            # start with the same create_time (a probe restarted) is the same process.
             self._end(proc, now)
             proc = None
+        elif proc is None and state != "start" and (pid, ctime) in self.tombstones:
+            # No create_time to tell a late event from a new process: only a start is new.
+            self._ignore("state_after_exit")
+            return
         if proc is None:
-            if (pid, ctime) in self.tombstones:
-                self._ignore("state_after_exit")
-                return
             proc = self._new_process(event, ctime)
         self._merge_attrs(proc, event)
         self.processes.move_to_end(pid)
