@@ -26,6 +26,9 @@ from xctl.core.events import ERROR_TYPES, AttrValue, Event, EventType
 ENDED_STATES: Final = frozenset({"exit", "killed", "oom_killed"})
 #: Attributes with a leading underscore carry snapshot bookkeeping, never probe data.
 _COUNT, _FIRST, _AGE, _HIST, _JOBS = "_count", "_first", "_age", "_hist", "_jobs"
+#: Snapshot bookkeeping of a WaitsOn edge: reason, target, owner's create_time, owner is a
+#: tombstone, and "forget the waits the replay derived so far".
+_WAIT, _TARGET, _CTIME, _DEAD, _RESET = "_wait", "_target", "_ctime", "_dead", "_reset"
 _PROCESS_ATTRS: Final = ("name", "cmdline", "create_time", "ppid", "rank", "local_rank", "world_size", "exit_code")
 _MAX_JOBS_PER_CODE: Final = 8
 
@@ -201,7 +204,9 @@ class NodeGraph:
         now = self.clock()
         self.applied += 1
         etype = event.type
-        if etype is EventType.PROCESS_STATE:
+        if event.attrs and _WAIT in event.attrs:
+            self._restore_wait(event)
+        elif etype is EventType.PROCESS_STATE:
             self._apply_state(event, now)
         elif etype in ERROR_TYPES:
             self._apply_error(event, now)
@@ -258,9 +263,10 @@ class NodeGraph:
             proc.d_state_since = None
             for key in [k for k, w in proc.waits.items() if w.reason == "d_state"]:
                 del proc.waits[key]
-        proc.state = state
+        proc.state = "running" if state == "start" else state
         proc.state_event = event
-        if state in ENDED_STATES:
+        if state in ENDED_STATES or _AGE in event.attrs:
+            # (a snapshot's tombstone carries its age, whatever state it ended in)
             self._end(proc, now - _int_attr(event, _AGE, 0))
 
     def _new_process(self, event: Event, ctime: float | None) -> Process:
@@ -367,6 +373,25 @@ class NodeGraph:
         else:
             wait.last = event
 
+    def _restore_wait(self, event: Event) -> None:
+        """A snapshot's WaitsOn edge: the event behind it, with bookkeeping attributes."""
+        attrs = event.attrs
+        if event.pid is None:
+            return
+        ctime = attrs.get(_CTIME)
+        ckey = float(ctime) if isinstance(ctime, int | float) and not isinstance(ctime, bool) else None
+        proc = self.tombstones.get((event.pid, ckey)) if _DEAD in attrs else self.processes.get(event.pid)
+        if proc is None:
+            return
+        if attrs.get(_RESET):
+            proc.waits.clear()
+        reason, target = attrs.get(_WAIT), attrs.get(_TARGET)
+        if not isinstance(reason, str) or not reason or not isinstance(target, str) or not target:
+            return
+        clean = {k: v for k, v in attrs.items() if not k.startswith("_")}
+        original = Event(event.ts, event.type, event.entity, event.value, event.pid, event.job, clean)
+        proc.waits[target] = Wait(target, reason, original, original)
+
     # metrics --------------------------------------------------------------------
     def _apply_metric(self, event: Event, now: int) -> None:
         res = self._resource(event.entity, now)
@@ -432,7 +457,9 @@ class NodeGraph:
         if err is None:
             first = event
             if _FIRST in event.attrs:
-                first = Event(_int_attr(event, _FIRST, event.ts), event.type, event.entity, code, event.pid, event.job)
+                clean = {k: v for k, v in event.attrs.items() if not k.startswith("_")}
+                first_ts = _int_attr(event, _FIRST, event.ts)
+                first = Event(first_ts, event.type, event.entity, code, event.pid, event.job, clean)
             info = code_info(code)
             err = ErrorVertex(event.entity, code, event.type, first, event, recv, recv, count, info.condition)
             self._add_error(err)
@@ -448,7 +475,9 @@ class NodeGraph:
             self.errors_by_pid.setdefault(proc.pid, set()).add(key)
             if code == "NCCL_TIMEOUT" or (event.type is EventType.ERROR_NET and event.entity == proc.job):
                 self._wait(proc, f"job:{event.job or proc.job or event.entity}", code, event)
-        self._record_history(event, count)
+        if _COUNT not in event.attrs:
+            # (a snapshot's error events do not count again: its history events restore the counts)
+            self._record_history(event, count)
 
     def _add_error(self, err: ErrorVertex) -> None:
         key = err.key
@@ -641,38 +670,53 @@ class NodeGraph:
 
     # ------------------------------------------------------------------ snapshot
     def snapshot_events(self) -> list[Event]:
-        """The minimal event list that rebuilds this graph (``rebuild(snapshot) == graph``)."""
+        """The minimal event list that rebuilds this graph (``rebuild(snapshot) == graph``).
+
+        Order matters: intents and actions first (a replayed CLEAR must not clear errors that
+        came after it), then resources, tombstones, live processes, errors, history, and last
+        the WaitsOn edges exactly as they are (replay derives some of them, not all).
+        """
         now = self.clock()
-        out: list[Event] = []
+        self.expire(now)
+        out: list[Event] = list(self.intents.values())
         for res in self.resources.values():
             out.extend(res.metrics.values())
         for proc in self.tombstones.values():
             age = now - proc.ended_recv if proc.ended_recv is not None else 0
             out.extend(_process_events(proc, age))
         for proc in self.processes.values():
-            out.extend(_process_events(proc, None))
+            restart = proc.state != "start" and (proc.pid, proc.create_time) in self.tombstones
+            out.extend(_process_events(proc, None, restart=restart))
         for err in self.active_errors():
-            attrs: dict[str, AttrValue] = dict(err.last.attrs)
-            attrs.update({_COUNT: err.count, _FIRST: err.first.ts, _AGE: now - err.touch})
-            out.append(Event(err.last.ts, err.type, err.entity, err.code, None, err.last.job, attrs))
+            age = now - err.touch
+            attrs: dict[str, AttrValue] = dict(err.first.attrs)
+            attrs.update({_COUNT: err.count, _FIRST: err.first.ts, _AGE: age})
+            out.append(Event(err.last.ts, err.type, err.entity, err.code, None, err.first.job, attrs))
             out.extend(
-                Event(err.last.ts, err.type, err.entity, err.code, pid, err.last.job, {_COUNT: 0})
+                Event(err.last.ts, err.type, err.entity, err.code, pid, None, {_COUNT: 0, _AGE: age})
                 for pid in sorted(err.pids)
             )
         for entity, codes in self.history.items():
             for code, hist in codes.items():
                 hattrs: dict[str, AttrValue] = {_HIST: hist.count, _FIRST: hist.first_ts, _JOBS: ",".join(hist.jobs)}
                 out.append(Event(hist.last_ts, EventType.ERROR_HW, entity, code, None, None, hattrs))
-        out.extend(self.intents.values())
+        for proc in self.tombstones.values():
+            out.extend(_wait_events(proc, dead=True))
+        for proc in self.processes.values():
+            out.extend(_wait_events(proc, dead=False))
         return out
 
     def digest(self) -> dict[str, Any]:
-        """A canonical, comparable view of the graph's state (tests and resync checks)."""
+        """A canonical, comparable view of the graph's state (tests and resync checks).
+
+        A resource with neither samples of its own nor live consumers (known only from the
+        per-process samples of processes since gone) holds no state and is left out.
+        """
 
         def proc_view(p: Process) -> tuple[Any, ...]:
             return (
                 p.pid,
-                p.create_time,
+                (p.create_time is not None, p.create_time or 0.0),
                 p.name,
                 p.state,
                 p.job,
@@ -689,6 +733,7 @@ class NodeGraph:
             "resources": sorted(
                 (e, sorted((t.value, m.value) for t, m in r.metrics.items()), sorted(r.consumers))
                 for e, r in self.resources.items()
+                if r.metrics or r.consumers
             ),
             "errors": sorted(
                 (e.entity, e.code, e.count, e.first.ts, e.condition, sorted(e.pids)) for e in self.active_errors()
@@ -703,26 +748,46 @@ class NodeGraph:
         }
 
 
-def _process_events(proc: Process, age: int | None) -> Iterator[Event]:
-    """A process first (so later events attach to it), then the events behind its edges."""
+def _process_events(proc: Process, age: int | None, *, restart: bool = False) -> Iterator[Event]:
+    """A process first (so later events attach to it), then the events behind its Consumes edges.
+
+    The state event's entity is the process's name, so the rebuilt process gets the same name
+    without a ``name`` attribute it never had. ``restart``: a tombstone holds the same
+    (pid, unknown create_time), so a start comes first (any other state would be taken for a
+    late event about the dead one).
+    """
     attrs: dict[str, AttrValue] = dict(proc.attrs)
-    attrs["name"] = proc.name
     if proc.create_time is not None:
         attrs["create_time"] = proc.create_time
     if age is not None:
         attrs[_AGE] = age
     state = proc.state_event
-    entity = state.entity if state.type is EventType.PROCESS_STATE else proc.name
-    if proc.d_state_since is not None and proc.d_state_since is not state:
-        yield proc.d_state_since
-    yield Event(state.ts, EventType.PROCESS_STATE, entity, proc.state, proc.pid, proc.job, attrs)
+    if restart:
+        yield Event(state.ts, EventType.PROCESS_STATE, proc.name, "start", proc.pid, proc.job)
+    yield Event(state.ts, EventType.PROCESS_STATE, proc.name, proc.state, proc.pid, proc.job, attrs)
     for usage in proc.consumes.values():
         if usage.util is not None:
             yield usage.util
         if usage.mem is not None:
             yield usage.mem
-    # Waits need no events of their own: stalls come back with the transport sample, d_state
-    # with the state, job waits with the NCCL_TIMEOUT error events of the snapshot.
+
+
+def _wait_events(proc: Process, *, dead: bool) -> Iterator[Event]:
+    """The WaitsOn edges of a process as they are: replay derives some (a stalled sample, a
+    d_state, an NCCL_TIMEOUT) but not all (the error may be gone), so they are reset and set."""
+    base: dict[str, AttrValue] = {_RESET: True}
+    if proc.create_time is not None:
+        base[_CTIME] = proc.create_time
+    if dead:
+        base[_DEAD] = True
+    if not proc.waits:
+        yield Event(proc.state_event.ts, EventType.PROCESS_STATE, proc.name, "", proc.pid, None, {**base, _WAIT: ""})
+        return
+    for wait in proc.waits.values():
+        ev = wait.first
+        attrs = {**ev.attrs, **base, _WAIT: wait.reason, _TARGET: wait.target}
+        yield Event(ev.ts, ev.type, ev.entity, ev.value, proc.pid, ev.job, attrs)
+        base.pop(_RESET, None)
 
 
 def _create_time(event: Event) -> float | None:

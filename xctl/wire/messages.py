@@ -40,6 +40,9 @@ T = TypeVar("T")
 MAX_IDENT_LEN: Final = 256
 #: Most events in one batch (agents flush at ≤ 1000; this is a guard, not a target).
 MAX_BATCH_EVENTS: Final = 10_000
+#: Most probes one agent may report, and the longest probe detail kept.
+MAX_PROBES: Final = 64
+MAX_PROBE_DETAIL: Final = 300
 #: How many rejected-event errors are kept for logging (the count is always exact).
 MAX_REJECT_DETAIL: Final = 10
 
@@ -274,8 +277,9 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """Both directions, every second. An agent's carries ``node``, ``epoch`` and ``seq`` (the
-    last batch seq it sent); the aggregator's carries ``start_id`` (new at every start)."""
+    """Both directions, every second. An agent's carries ``node``, ``epoch``, ``seq`` (the
+    last batch seq it sent) and ``probes`` (each probe's name, state and detail, shown by
+    ``xctl nodes``); the aggregator's carries ``start_id`` (new at every start)."""
 
     T: ClassVar[str] = "heartbeat"
     ts: int
@@ -283,6 +287,7 @@ class Heartbeat:
     epoch: str | None = None
     seq: int | None = None
     start_id: str | None = None
+    probes: tuple[dict[str, str], ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {**_head(self.T), "ts": self.ts}
@@ -290,6 +295,8 @@ class Heartbeat:
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
+        if self.probes is not None:
+            out["probes"] = [dict(p) for p in self.probes]
         return out
 
     @classmethod
@@ -308,7 +315,28 @@ class Heartbeat:
             epoch=_ident(msg, "epoch"),
             seq=_count(msg, "seq"),
             start_id=start_id,
+            probes=_probe_states(msg),
         )
+
+
+def _probe_states(msg: Mapping[str, Any]) -> tuple[dict[str, str], ...] | None:
+    raw = _opt(msg, "probes", list)
+    if raw is None:
+        return None
+    if len(raw) > MAX_PROBES:
+        raise ProtocolError("bad_schema", f"probes: expected at most {MAX_PROBES} probes, got {len(raw)}")
+    out = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise _bad(f"probes[{i}]", "map", item)
+        entry: dict[str, str] = {}
+        for key in ("name", "state", "detail"):
+            value = item.get(key, "")
+            if not isinstance(value, str):
+                raise _bad(f"probes[{i}].{key}", "string", value)
+            entry[key] = value[:MAX_PROBE_DETAIL]
+        out.append(entry)
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)

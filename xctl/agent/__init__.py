@@ -1,0 +1,1 @@
+"""The node agent: probe supervisor, local graph, publisher, actuator."""

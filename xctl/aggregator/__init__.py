@@ -1,0 +1,1 @@
+"""Aggregator: ingest/resync, liveness, queries, command routing, metrics."""

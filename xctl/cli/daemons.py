@@ -1,0 +1,268 @@
+"""Daemon commands: `xctl run`, `xctl agent`, `xctl aggregator`, `xctl demo`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from types import FrameType
+from typing import Any, Final
+
+import click
+
+from xctl.agent.daemon import Agent, AgentConfig
+from xctl.aggregator.server import Aggregator, AggregatorConfig
+from xctl.cli import config, render
+from xctl.cli.main import guarded
+from xctl.core.cluster import LivenessConfig
+from xctl.core.errors import ProbeError, UsageError, XctlError
+from xctl.probes.registry import make_probe
+from xctl.wire.client import QueryClient
+from xctl.wire.sockets import DEFAULT_PORT, endpoints, parse_address
+
+log = logging.getLogger(__name__)
+
+#: What `xctl run` and `xctl agent` watch when no --probe is given (issue 5).
+DEFAULT_PROBES: Final = ("procfs", "kmsg", "network", "storage", "nvml")
+STOP_GRACE_S: Final = 2.0
+
+
+def default_node_name() -> str:
+    return str(config.resolve("node", None, socket.gethostname().split(".")[0] or "localhost"))
+
+
+def usable_probes(specs: Iterable[str], *, explicit: bool) -> list[str]:
+    """Explicit probes must all work (usage error otherwise); defaults that can't run are skipped."""
+    out = []
+    for spec in specs:
+        try:
+            make_probe(spec)
+        except ProbeError as exc:
+            if explicit:
+                raise UsageError(f"--probe {spec}: {exc}") from exc
+            log.info("default probe %s not used here: %s", spec, exc)
+            continue
+        out.append(spec)
+    return out
+
+
+def _serve(workers: list[tuple[str, Callable[[], None], Callable[[], None]]]) -> None:
+    """Run each (name, run, stop) in a thread until SIGTERM/SIGINT; stop within the grace time."""
+    done = threading.Event()
+    failures: list[BaseException] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: stopping", signum)
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    threads = []
+    for name, run, _stop in workers:
+
+        def target(run: Callable[[], None] = run, name: str = name) -> None:
+            try:
+                run()
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread, which sets the exit code
+                failures.append(exc)
+                log.error("%s failed: %s", name, exc)
+                done.set()
+
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        threads.append(thread)
+    while not done.wait(0.2):
+        if not any(t.is_alive() for t in threads):
+            break
+    for _name, _run, stop in workers:
+        stop()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if failures:
+        first = failures[0]
+        raise first if isinstance(first, XctlError) else XctlError(str(first))
+
+
+def _liveness(suspect: float, dead: float) -> LivenessConfig:
+    if not 0 < suspect < dead:
+        raise UsageError("--suspect-after must be positive and less than --dead-after")
+    return LivenessConfig(int(suspect * 1000), int(dead * 1000))
+
+
+probe_option = click.option(
+    "--probe",
+    "probes",
+    multiple=True,
+    metavar="SPEC",
+    help="probe to run (repeatable): procfs, nvml, kmsg, network, storage, exec:CMD, "
+    "replay:FILE, sim[:k=v,...]; default: the node probes that work here",
+)
+liveness_options = [
+    click.option("--suspect-after", type=float, default=3.0, show_default=True, help="seconds of silence → suspect"),
+    click.option("--dead-after", type=float, default=30.0, show_default=True, help="seconds of silence → dead"),
+]
+
+
+def _with(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
+    def apply(fn: Any) -> Any:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
+@click.command()
+@click.option("--node", default=None, help="this node's name (default: hostname)")
+@probe_option
+@click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="base port P (P, P+1, P+2)")
+@_with(liveness_options)
+@guarded
+def run(node: str | None, probes: tuple[str, ...], port: int, suspect_after: float, dead_after: float) -> None:
+    """Everything on this machine in one process: aggregator + agent (loopback)."""
+    name = node or default_node_name()
+    specs = usable_probes(probes or DEFAULT_PROBES, explicit=bool(probes))
+    aggregator = Aggregator(
+        AggregatorConfig(bind="127.0.0.1", port=port, liveness=_liveness(suspect_after, dead_after))
+    )
+    agent = Agent(AgentConfig(node=name, aggregator_host="127.0.0.1", port=port, probes=specs))
+    con = render.console(stderr=True)
+    con.print(f"xctl run: node {name}, probes {', '.join(specs) or 'none'}; aggregator on 127.0.0.1:{port}")
+    con.print(f"  try: xctl ps    xctl nodes    xctl why {name}:<pid>    (Ctrl-C stops)")
+    _serve([("aggregator", aggregator.run, aggregator.request_stop), ("agent", agent.run, agent.request_stop)])
+
+
+@click.command()
+@click.option(
+    "--aggregator",
+    "aggregator_addr",
+    default=None,
+    metavar="HOST[:P]",
+    help="aggregator address (env XCTL_AGGREGATOR; default 127.0.0.1:7400)",
+)
+@click.option("--node", default=None, help="this node's name (default: hostname)")
+@probe_option
+@guarded
+def agent(aggregator_addr: str | None, node: str | None, probes: tuple[str, ...]) -> None:
+    """The node agent: run probes and publish events to the aggregator."""
+    host, port = parse_address(str(config.resolve("aggregator", aggregator_addr, config.DEFAULT_AGGREGATOR)))
+    name = node or default_node_name()
+    specs = usable_probes(probes or DEFAULT_PROBES, explicit=bool(probes))
+    daemon = Agent(AgentConfig(node=name, aggregator_host=host, port=port, probes=specs))
+    render.console(stderr=True).print(f"xctl agent {name}: probes {', '.join(specs) or 'none'} → {host}:{port}")
+    _serve([("agent", daemon.run, daemon.request_stop)])
+
+
+@click.command()
+@click.option("--bind", default="127.0.0.1", show_default=True, help="address to listen on (* for all)")
+@click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="base port P (P, P+1, P+2)")
+@_with(liveness_options)
+@guarded
+def aggregator(bind: str, port: int, suspect_after: float, dead_after: float) -> None:
+    """The head-node aggregator: cluster graph, queries, command routing."""
+    daemon = Aggregator(AggregatorConfig(bind=bind, port=port, liveness=_liveness(suspect_after, dead_after)))
+    render.console(stderr=True).print(f"xctl aggregator listening on {bind}:{port}-{port + 2}")
+    _serve([("aggregator", daemon.run, daemon.request_stop)])
+
+
+# ------------------------------------------------------------------------------ demo
+DEMO_NODES: Final = 4
+DEMO_FAULT_NODE: Final = "node3"
+
+
+def free_port_base() -> int:
+    """A base port P with P, P+1, P+2 free on loopback (best effort, then bound by the daemon)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = int(probe.getsockname()[1])
+        if base + 2 > 65535:
+            continue
+        try:
+            held = []
+            for p in (base, base + 1, base + 2):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+        return base
+    raise XctlError("no three consecutive free ports on 127.0.0.1")
+
+
+@click.command()
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="give up after this many seconds")
+@guarded
+def demo(output: str, timeout: float) -> None:
+    """A simulated 4-node cluster running a 32-rank job; XID 79 strikes node3's gpu-3, and
+    `why` on a rank of node1 names it."""
+    con = render.console(stderr=True)
+    port = free_port_base()
+    agg = Aggregator(AggregatorConfig(bind="127.0.0.1", port=port))
+    agents = []
+    for i in range(DEMO_NODES):
+        node = f"node{i + 1}"
+        spec = (
+            f"sim:gpus=8,job=job-42,ranks=32,nodes={DEMO_NODES},index={i},interval=500ms,"
+            f"fault=xid79@gpu-3:node={DEMO_FAULT_NODE}:after=2s"
+        )
+        agents.append(Agent(AgentConfig(node=node, aggregator_host="127.0.0.1", port=port, probes=[spec])))
+    threads = [threading.Thread(target=agg.run, name="aggregator", daemon=True)]
+    threads += [threading.Thread(target=a.run, name=f"agent-{a.node}", daemon=True) for a in agents]
+    for t in threads:
+        t.start()
+    try:
+        con.print(
+            f"xctl demo: 4 simulated nodes (node1-node4), job-42 with 32 ranks; "
+            f"XID 79 will hit {DEMO_FAULT_NODE}/gpu-3 after 2 s"
+        )
+        with QueryClient(endpoints("127.0.0.1", port).query, timeout_s=5.0) as client:
+            answer = _wait_for_root(client, con, timeout)
+            ps_data = client.request("ps", {"job": "job-42"})
+        if output == "json":
+            render.print_json({"apiVersion": "xctl/v1", "kind": "Demo", "ps": ps_data, "why": answer})
+            return
+        out = render.console()
+        out.print("\n$ xctl ps --job job-42", style="bold")
+        render.render_ps(out, ps_data)
+        out.print("\n$ xctl why node1:4805", style="bold")
+        render.render_why(out, answer)
+    finally:
+        for a in agents:
+            a.request_stop()
+        agg.request_stop()
+        for t in threads:
+            t.join(STOP_GRACE_S)
+
+
+def _wait_for_root(client: QueryClient, con: Any, timeout: float) -> dict[str, Any]:
+    """Poll `why` until the victim on node1 times out and the root cause on node3 is named."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] | None = None
+    with con.status("waiting for the fault and its victims to show…"):
+        while time.monotonic() < deadline:
+            try:
+                last = client.request("why", {"target": "node1:4805"})
+            except XctlError:
+                last = None  # node1 has not reported yet
+            if last is not None and _explained(last):
+                return last
+            time.sleep(0.5)  # polling cadence for a human, not test synchronisation
+    raise XctlError(f"the demo fault was not explained within {timeout:.0f} s (last answer: {last})")
+
+
+def _explained(answer: dict[str, Any]) -> bool:
+    root = answer.get("root_cause") or {}
+    victim = any(s["code"] == "NCCL_TIMEOUT" for s in answer.get("symptoms", []))
+    return bool(root.get("node") == DEMO_FAULT_NODE and victim)
+
+
+COMMANDS: Final = [run, agent, aggregator, demo]

@@ -1,0 +1,1 @@
+"""LLM diagnosis over the query API: rules first, then a model with read-only tools."""
