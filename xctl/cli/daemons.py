@@ -16,7 +16,7 @@ import click
 from xctl.agent.daemon import Agent, AgentConfig
 from xctl.aggregator.server import Aggregator, AggregatorConfig
 from xctl.cli import config, render
-from xctl.cli.main import guarded
+from xctl.cli.common import guarded
 from xctl.core.cluster import LivenessConfig
 from xctl.core.errors import ProbeError, UsageError, XctlError
 from xctl.probes.registry import make_probe
