@@ -63,6 +63,9 @@ class AggregatorConfig:
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
     limits: GraphLimits = field(default_factory=GraphLimits)
     socket_setup: SocketSetup | None = None
+    #: Prometheus /metrics port (0 disables); 9400 is dcgm-exporter's, so xctl uses 9445.
+    metrics_port: int = 0
+    metrics_bind: str = "0.0.0.0"
 
 
 @dataclass
@@ -97,6 +100,7 @@ class Aggregator:
         self.batches = 0
         self._context = context
         self._control: zmq.Socket[bytes] | None = None
+        self._metrics_server: Any = None
 
     def request_stop(self) -> None:
         self.stop_event.set()
@@ -115,6 +119,8 @@ class Aggregator:
             query = query_router(ctx, eps.query, setup=setup)
             sockets.append(query)
             self._control = control
+            if self.config.metrics_port:
+                self._start_metrics()
             log.info(
                 "aggregator %s listening on %s (events), %s (control), %s (queries)",
                 self.start_id,
@@ -127,6 +133,8 @@ class Aggregator:
         finally:
             for sock in sockets:
                 sock.close()
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
             self._control = None
             if self._context is None:
                 ctx.term()
@@ -284,6 +292,11 @@ class Aggregator:
             sock.send_multipart(reply_frames(envelope, reply), flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             self.drops.count("query_reply_dropped")
+
+    def _start_metrics(self) -> None:
+        from xctl.aggregator.metrics import serve_metrics
+
+        self._metrics_server = serve_metrics(self, self.config.metrics_bind, self.config.metrics_port)
 
     # ---------------------------------------------------------------- counters
     def counters(self) -> dict[str, Any]:
