@@ -146,13 +146,15 @@ def run(node: str | None, probes: tuple[str, ...], port: int, suspect_after: flo
 )
 @click.option("--node", default=None, help="this node's name (default: hostname)")
 @probe_option
+@click.option("--batch-max", type=click.IntRange(1, 1000), default=1000, show_default=True,
+              help="most events per batch (flushes also every 50 ms)")
 @guarded
-def agent(aggregator_addr: str | None, node: str | None, probes: tuple[str, ...]) -> None:
+def agent(aggregator_addr: str | None, node: str | None, probes: tuple[str, ...], batch_max: int) -> None:
     """The node agent: run probes and publish events to the aggregator."""
     host, port = parse_address(str(config.resolve("aggregator", aggregator_addr, config.DEFAULT_AGGREGATOR)))
     name = node or default_node_name()
     specs = usable_probes(probes or DEFAULT_PROBES, explicit=bool(probes))
-    daemon = Agent(AgentConfig(node=name, aggregator_host=host, port=port, probes=specs))
+    daemon = Agent(AgentConfig(node=name, aggregator_host=host, port=port, probes=specs, flush_max=batch_max))
     render.console(stderr=True).print(f"xctl agent {name}: probes {', '.join(specs) or 'none'} → {host}:{port}")
     _serve([("agent", daemon.run, daemon.request_stop)])
 
