@@ -80,9 +80,12 @@ class Cluster:
         return d
 
     def agent(self, node: str, *probes: str) -> Daemon:
+        """Start an agent; ``probes`` are SPECs, and ``--option value`` pairs pass through."""
         args = ["agent", "--aggregator", f"127.0.0.1:{self.port}", "--node", node]
-        for p in probes:
-            args += ["--probe", p]
+        items = list(probes)
+        while items:
+            item = items.pop(0)
+            args += [item, items.pop(0)] if item.startswith("--") else ["--probe", item]
         d = Daemon(args, self.tmp / f"agent-{node}-{len(self.daemons)}.log")
         self.daemons.append(d)
         return d
@@ -100,9 +103,14 @@ class Cluster:
         env = {**os.environ, "XCTL_AGGREGATOR": f"127.0.0.1:{self.port}", "NO_COLOR": "1"}
         return subprocess.run([*XCTL, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False)
 
-    def close(self) -> None:
+    def close_client(self) -> None:
+        """Drop the query client (its context), e.g. before the aggregator is stopped."""
         if self._client is not None:
             self._client.close()
+            self._client = None
+
+    def close(self) -> None:
+        self.close_client()
         for d in reversed(self.daemons):
             d.stop()
 
