@@ -1,0 +1,88 @@
+"""Hostile input on every aggregator port: it is counted and dropped, and queries keep working."""
+
+from __future__ import annotations
+
+import os
+
+import msgpack
+import zmq
+from conftest import Cluster, wait_for
+
+from xctl.wire.sockets import endpoints
+
+GARBAGE: list[bytes] = [
+    os.urandom(64),
+    b"",
+    msgpack.packb({"v": 1, "t": "batch", "node": "n"})[:-3],  # truncated
+    b"\xdd\xff\xff\xff\xff",  # array32 declaring 4 billion items
+    b"\xdb\x7f\xff\xff\xff" + b"x" * 10,  # str32 declaring 2 GiB
+    b"\x91" * 20_000 + b"\xc0",  # 20,000 nested arrays
+    msgpack.packb({"v": 1, "t": "batch", "node": 5, "epoch": [], "seq": "x", "sent_ts": -1, "events": {}}),
+    msgpack.packb({"v": 99, "t": "batch", "node": "n", "epoch": "e", "seq": 1, "sent_ts": 1, "events": []}),
+    msgpack.packb({"v": 1, "t": "hello", "node": "n"}),  # missing fields
+    msgpack.packb({"v": 99, "t": "hello", "node": "n", "epoch": "e", "version": "9", "probes": [], "pid": 1}),
+    msgpack.packb([1, 2, 3]),
+    msgpack.packb({"v": 1, "t": "query", "id": "x", "op": "why", "args": {"target": 12}}),
+]
+
+
+def dropped(cluster: Cluster) -> dict[str, int]:
+    return cluster.query("health")["counters"]["dropped"]
+
+
+def test_hostile_frames_on_every_port_are_counted_and_dropped(cluster: Cluster) -> None:
+    agg = cluster.aggregator()
+    eps = endpoints("127.0.0.1", cluster.port)
+    ctx = zmq.Context()
+    try:
+        pub = ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.connect(eps.events)
+
+        def events_counted() -> bool:
+            for payload in GARBAGE:
+                pub.send_multipart([b"ev", payload])
+            pub.send_multipart([b"ev"])  # one frame only
+            counts = dropped(cluster)
+            return all(counts.get(k, 0) > 0 for k in ("events_bad_msgpack", "events_bad_schema", "events_version"))
+
+        # PUB/SUB joins late: keep sending until the aggregator has seen (and counted) them.
+        wait_for(events_counted, timeout=10, what="hostile event frames to be counted", interval=0.2)
+
+        control = ctx.socket(zmq.DEALER)
+        control.setsockopt(zmq.LINGER, 0)
+        control.setsockopt(zmq.ROUTING_ID, b"mallory/1")
+        control.connect(eps.control)
+        for payload in GARBAGE:
+            control.send(payload)
+        control.send_multipart([b"a", b"b", b"c"])
+        # A peer that sent garbage is told so instead of being left waiting.
+        assert control.poll(5000), "no error reply on the control channel"
+        reply = msgpack.unpackb(control.recv())
+        assert reply["t"] == "error"
+
+        query = ctx.socket(zmq.DEALER)
+        query.setsockopt(zmq.LINGER, 0)
+        query.connect(eps.query)
+        replies = 0
+        for payload in GARBAGE:
+            query.send_multipart([b"", payload])
+        query.send_multipart([b"no-delimiter"])
+        while query.poll(2000):
+            frames = query.recv_multipart()
+            answer = msgpack.unpackb(frames[-1])
+            assert answer["ok"] is False
+            assert answer["error"]["code"]
+            replies += 1
+        assert replies >= len(GARBAGE) - 2
+
+        counts = dropped(cluster)
+        assert any(k.startswith("control_") for k in counts), counts
+        assert any(k.startswith("query_") for k in counts), counts
+        assert counts.get("control_version", 0) >= 1
+        # Still serving, and the log holds no traceback flood.
+        assert cluster.query("health")["ok"] is True
+        assert cluster.query("nodes")["items"] == []
+        assert "Traceback" not in agg.output()
+    finally:
+        ctx.destroy(linger=0)
