@@ -327,11 +327,13 @@ class NodeGraph:
         self._drop_pid_errors(proc.pid)
 
     def _forget_process(self, proc: Process) -> None:
+        """An evicted live process: drop its edges and indexes (it leaves no tombstone)."""
         for entity in proc.consumes:
             res = self.resources.get(entity)
             if res is not None:
                 res.consumers.discard(proc.pid)
         self._unindex_job(proc)
+        self._drop_pid_errors(proc.pid)
 
     def _unindex_job(self, proc: Process) -> None:
         if proc.job is None:
@@ -427,14 +429,15 @@ class NodeGraph:
         if res is None:
             res = self.resources[entity] = Resource(entity, now, self.limits.default_interval_ms)
             if len(self.resources) > self.limits.max_resources:
-                self._evict_resource()
+                self._evict_resource(res)
         else:
             self.resources.move_to_end(entity)
         return res
 
-    def _evict_resource(self) -> None:
+    def _evict_resource(self, new: Resource) -> None:
+        """Oldest first, unconsumed before consumed, never the resource being added."""
         for entity, res in self.resources.items():
-            if not res.consumers:
+            if not res.consumers and res is not new:
                 del self.resources[entity]
                 break
         else:
@@ -487,9 +490,13 @@ class NodeGraph:
             self.errors[key] = err
         self.errors_by_base.setdefault(base_entity(err.entity), set()).add(key)
         if len(self.errors) + len(self.conditions) > self.limits.max_errors:
-            victim = next(iter(self.errors.values()), None) or next(iter(self.conditions.values()))
-            self._drop_error(victim)
-            self.evicted["errors"] += 1
+            # Oldest first, blips before conditions, never the error being added.
+            victim = next((e for e in self.errors.values() if e is not err), None) or next(
+                (e for e in self.conditions.values() if e is not err), None
+            )
+            if victim is not None:
+                self._drop_error(victim)
+                self.evicted["errors"] += 1
 
     def _drop_error(self, err: ErrorVertex) -> None:
         key = err.key
@@ -595,7 +602,8 @@ class NodeGraph:
         self._next_expiry = now + 1_000
 
     def _drop_pid_errors(self, pid: int) -> None:
-        if pid in self.processes:
+        """Unlink errors from a pid nothing (live or tombstone) answers to any more."""
+        if pid in self.processes or pid in self._tomb_by_pid:
             return
         for key in list(self.errors_by_pid.get(pid, ())):
             err = self.errors.get(key) or self.conditions.get(key)
