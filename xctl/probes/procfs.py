@@ -495,9 +495,12 @@ class ProcfsProbe:
         ppids = {pid: st.ppid for pid, st in stats.items()}
         selected = process_tree(self.gpu_pids() & stats.keys(), ppids)
         for pid, st in stats.items():
-            if pid in selected or st.ppid == 2 or pid == 2:  # kernel threads
+            args = argv.get((pid, st.starttime), [])
+            # Kernel threads (kthreadd is pid 2 and their parent) have no argv; in a PID
+            # namespace pid 2 is an ordinary process, so the pid alone does not tell.
+            if pid in selected or (not args and (st.ppid == 2 or pid == 2)):
                 continue
-            if matches_watch(st.comm, argv0_basename(argv.get((pid, st.starttime), [])), self.watch):
+            if matches_watch(st.comm, argv0_basename(args), self.watch):
                 selected.add(pid)
         # Processes we already track stay tracked while they live (e.g. a zombie).
         for pid, starttime in self._tracked:
