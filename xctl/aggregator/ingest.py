@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 MAX_BUFFERED_BATCHES: Final = 2_000
 SNAPSHOT_TIMEOUT_MS: Final = 5_000
 MAX_SNAPSHOTS_IN_FLIGHT: Final = 16
+LAG_SAMPLES: Final = 4_096
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Ingest:
         self.drops = DropCounter()
         self.applied_events = 0
         self.resyncs_total = 0
+        self.lag_ms: deque[int] = deque(maxlen=LAG_SAMPLES)
 
     # ---------------------------------------------------------------- batches
     def on_batch(self, batch: EventBatch) -> None:
@@ -95,7 +97,20 @@ class Ingest:
         if batch.events:
             self.cluster.apply_all(stream.node, batch.events)
             self.applied_events += len(batch.events)
+            # Visibility lag: from the newest event's timestamp to "applied, answerable by why".
+            self.lag_ms.append(self.cluster.clock() - max(e.ts for e in batch.events))
         stream.seq = batch.seq
+
+    def lag_percentiles(self) -> dict[str, float | None]:
+        """p50/p99 of the recent visibility lags (sender clock to our clock, so skew counts)."""
+        lags = sorted(self.lag_ms)
+        if not lags:
+            return {"p50_ms": None, "p99_ms": None, "samples": 0}
+        return {
+            "p50_ms": float(lags[len(lags) // 2]),
+            "p99_ms": float(lags[min(len(lags) - 1, (len(lags) * 99) // 100)]),
+            "samples": len(lags),
+        }
 
     def _buffer(self, stream: NodeStream, batch: EventBatch) -> None:
         if len(stream.buffer) >= MAX_BUFFERED_BATCHES:

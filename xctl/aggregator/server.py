@@ -304,6 +304,7 @@ class Aggregator:
             "batches": self.batches,
             "events_applied": self.ingest.applied_events,
             "resyncs": self.ingest.resyncs_total,
+            "visibility_lag": self.ingest.lag_percentiles(),
             "syncing": self.ingest.syncing(),
             "dropped": {**self.drops.as_dict(), **self.ingest.drops.as_dict()},
         }
