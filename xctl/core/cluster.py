@@ -115,6 +115,10 @@ class ClusterGraph:
         self.seen(node)
         for job in fresh.jobs:
             self._job_nodes.setdefault(job, set()).add(node)
+        for proc in fresh.tombstones.values():
+            # A dead rank still belongs to its job (graph.jobs only indexes live processes).
+            if proc.job is not None:
+                self._job_nodes.setdefault(proc.job, set()).add(node)
         return fresh
 
     def remove_node(self, node: str) -> None:
@@ -168,7 +172,8 @@ class ClusterGraph:
                     out.append(Rank(node, proc))
                     seen.add(pid)
             for proc in graph.tombstones.values():
-                if proc.job == job and proc.pid not in seen and graph.processes.get(proc.pid) is None:
+                # (a live process of another job may have reused the pid: the dead rank stays)
+                if proc.job == job and proc.pid not in seen:
                     out.append(Rank(node, proc))
         out.sort(key=lambda r: (r.rank if r.rank is not None else 1 << 30, r.node, r.process.pid))
         return out
