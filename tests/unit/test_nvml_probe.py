@@ -749,3 +749,42 @@ def test_run_loop_stops_beating_when_hung(fake: FakeNvml) -> None:
     c.ctx.stop.set()
     thread.join(2.0)
     assert not thread.is_alive()
+
+
+def test_supervisor_reports_the_hung_probe_and_restarts_it(fake: FakeNvml) -> None:
+    from xctl.agent.supervisor import Supervisor
+
+    instances: list[NvmlProbe] = []
+
+    def factory() -> NvmlProbe:
+        p = NvmlProbe(fake, interval_s=0.05, timeout_s=HUNG_TIMEOUT_S, xid=False)
+        p.heartbeat_s = 0.5  # the default (≥ 10 s + timeout) is too slow for a unit test
+        instances.append(p)
+        return p
+
+    sup = Supervisor("node-1", ManualClock(T0))
+    slot = sup.add("nvml", factory)
+    sup.start()
+    try:
+        assert wait_for(lambda: any(e.type is UTIL for e in sup.drain()))
+        release = fake.hang("nvmlDeviceGetMemoryInfo")
+        events: list[Event] = []
+
+        def hung_twice() -> bool:
+            sup.check()
+            events.extend(sup.drain())
+            return len(of(events, ERR, "PROBE_HUNG", "probe:nvml")) >= 2
+
+        assert wait_for(hung_twice, 5.0)  # the probe's own (with fn) and the supervisor's
+        assert of(events, ERR, "PROBE_HUNG", "probe:nvml")[0].attrs["fn"] == "nvmlDeviceGetMemoryInfo"
+        release.set()  # the driver recovers: the restarted instance samples again
+
+        def sampling_again() -> bool:
+            sup.check()
+            return len(instances) >= 2 and any(e.type is UTIL for e in sup.drain())
+
+        assert wait_for(sampling_again, 5.0)
+        assert slot.hangs >= 1
+    finally:
+        fake.release_all()
+        sup.stop()
