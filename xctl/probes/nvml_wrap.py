@@ -173,7 +173,8 @@ class Nvml:
 
     def unsupported(self) -> set[str]:
         """Names of functions that answered NotSupported / FunctionNotFound at least once."""
-        return {fn for fn, _, _ in self._unsupported}
+        with self._lock:  # describe() may ask from another thread while the worker adds
+            return {fn for fn, _, _ in self._unsupported}
 
     def is_unsupported(self, fn_name: str, gpu: int | None = None, sub: str | None = None) -> bool:
         return (fn_name, gpu, sub) in self._unsupported
@@ -300,7 +301,8 @@ class Nvml:
             self._current = None
 
     def _not_supported(self, fn_name: str, gpu: int | None, sub: str | None, why: str) -> None:
-        self._unsupported.add((fn_name, gpu, sub))
+        with self._lock:
+            self._unsupported.add((fn_name, gpu, sub))
         if fn_name not in self._logged:
             self._logged.add(fn_name)
             where = f" on gpu-{gpu}" if gpu is not None else ""
