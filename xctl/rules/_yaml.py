@@ -69,8 +69,12 @@ class _DuplicateKeyError(yaml.MarkedYAMLError):
     pass
 
 
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader whose mappings and sequences carry line numbers."""
+#: libyaml's parser when PyYAML was built with it (several times faster), else the pure one.
+_SafeBase: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _LineLoader(_SafeBase):  # type: ignore[valid-type, misc]
+    """A safe loader whose mappings and sequences carry line numbers."""
 
 
 def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> Iterator[LineMap]:
@@ -113,7 +117,7 @@ def parse_yaml(text: str, source: str) -> Any:
     if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
         raise RuleFileError(source, None, f"file larger than {MAX_FILE_BYTES} bytes")
     try:
-        return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a safe loader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None

@@ -10,7 +10,9 @@ loaded replaces it (``RuleSet.overrides`` records that). A file with any error i
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -91,28 +93,33 @@ def _load_file(data: Any, source: str) -> tuple[list[Rule], list[RuleFileError]]
     return parse_rule_file(data, source)
 
 
+def _sources(
+    dirs: list[Path], *, builtin: bool, errors: list[RuleError]
+) -> Iterator[tuple[str, Callable[[], Any]]]:
+    """(source name, reader) of every file to load, in load order."""
+    if builtin:
+        for name, item in builtin_files():
+            yield name, partial(_read_builtin, name, item)
+    for directory in dirs:
+        if not directory.exists():
+            errors.append(RuleFileError(str(directory), None, "no such file or directory"))
+            continue
+        for path in rule_files(directory):
+            yield str(path), partial(read_yaml, path)
+
+
 def load_rules(dirs: list[Path], *, builtin: bool = True) -> RuleSet:
     """Built-in rules (unless ``builtin=False``), overridden by the rules in ``dirs``
     (directories or single files, repeatable; later ones win)."""
     ruleset = RuleSet()
     by_id: dict[str, Rule] = {}
-    loaded: list[tuple[str, Any]] = []
-    if builtin:
-        for name, item in builtin_files():
-            try:
-                loaded.append((name, _read_builtin(name, item)))
-            except RuleFileError as exc:
-                ruleset.errors.append(exc)
-    for directory in dirs:
-        if not directory.exists():
-            ruleset.errors.append(RuleFileError(str(directory), None, "no such file or directory"))
+    for source, read in _sources(dirs, builtin=builtin, errors=ruleset.errors):
+        try:
+            data = read()
+        except RuleFileError as exc:
+            ruleset.errors.append(exc)
+            log.warning("rules: %s skipped: %s", source, exc)
             continue
-        for path in rule_files(directory):
-            try:
-                loaded.append((str(path), read_yaml(path)))
-            except RuleFileError as exc:
-                ruleset.errors.append(exc)
-    for source, data in loaded:
         result = _load_file(data, source)
         if result is None:
             continue

@@ -44,7 +44,7 @@ SCENES: Final = (
 ACTIONS: Final[dict[str, str]] = {
     "IGNORE": "no action needed: informational, or already handled",
     "RESTART_APP": "restart the application (job); the GPU is fine",
-    "CHECK_APP": "the application is at fault: debug it (cuda-memcheck, logs, stack dumps)",
+    "CHECK_APP": "the application is at fault: debug it (compute-sanitizer, logs, stack dumps)",
     "RESET_GPU": "drain the GPU's work and reset it (nvidia-smi -r)",
     "DRAIN_P2P": "stop peer-to-peer traffic to the GPU, then continue",
     "DRAIN_AND_RESET": "drain the node's jobs, then reset the GPU(s)",

@@ -21,7 +21,7 @@ from xctl.core.why import Explanation, explain
 from xctl.rules._yaml import LineList, LineMap, RuleFileError, read_yaml
 from xctl.rules.engine import Engine
 from xctl.rules.loader import RuleSet, load_rules, rule_files
-from xctl.rules.schema import ACTIONS, SEVERITIES, Problems, file_kind
+from xctl.rules.schema import ACTIONS, SEVERITIES, SITE_ACTION, Problems, file_kind
 
 log = logging.getLogger(__name__)
 
@@ -459,8 +459,10 @@ def _parse_expect(value: Any, line: int | None, problems: Problems) -> Expectati
                          f"{', '.join(ROOT_KEYS)}")
             ok = False
     strings: dict[str, str | None] = {}
-    for key, allowed in (("verdict", None), ("action", tuple(ACTIONS)), ("severity", SEVERITIES)):
+    for key, choices in (("verdict", None), ("action", tuple(ACTIONS)), ("severity", SEVERITIES)):
         got = value.get(key)
+        site_action = key == "action" and isinstance(got, str) and SITE_ACTION.match(got) is not None
+        allowed = None if site_action else choices
         if got is not None and (not isinstance(got, str) or (allowed is not None and got not in allowed)):
             problems.add(value.line_of(key), f"expect: {key} {got!r} is not valid")
             ok = False
