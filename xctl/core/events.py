@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from xctl.core.errors import EventError
 
@@ -48,12 +47,19 @@ class EventType(StrEnum):
 
 
 _TYPES: Final[dict[str, EventType]] = {t.value: t for t in EventType}
+_MAX_TS: Final = 2**53
+_MAX_PID: Final = 2**31
+_new_tuple = tuple.__new__
 ERROR_TYPES: Final = frozenset({EventType.ERROR_HW, EventType.ERROR_NET, EventType.TOPO_LINK_DOWN})
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One observation. ``ts`` is milliseconds since the epoch on the sender's clock."""
+class Event(NamedTuple):
+    """One observation. ``ts`` is milliseconds since the epoch on the sender's clock.
+
+    Immutable and slot-less by construction (a named tuple): the aggregator builds one per
+    event received, so construction cost is the ingest hot path (a frozen dataclass costs
+    several times more). Fields in the order probes think of them; the wire order differs.
+    """
 
     ts: int
     type: EventType
@@ -61,15 +67,43 @@ class Event:
     value: str
     pid: int | None = None
     job: str | None = None
-    attrs: Mapping[str, AttrValue] = field(default_factory=lambda: NO_ATTRS)
+    attrs: Mapping[str, AttrValue] = NO_ATTRS
 
     def to_wire(self) -> list[Any]:
         """The compact wire tuple ``[ts, type, entity, pid, job, value, attrs]``."""
         return [self.ts, self.type.value, self.entity, self.pid, self.job, self.value, dict(self.attrs)]
 
+    def replace(self, **changes: Any) -> Event:
+        return self._replace(**changes)
+
     @classmethod
     def from_wire(cls, item: object) -> Event:
-        """Validate and build an event from a wire tuple; raises :class:`EventError`."""
+        """Validate and build an event from a wire tuple; raises :class:`EventError`.
+
+        The common shape (exact types, no attrs) takes an inlined fast path: this runs once
+        per event on the aggregator's ingest thread. Anything else gets the full checks.
+        """
+        if type(item) is list and len(item) == 7:
+            ts, etype, entity, pid, job, value, attrs = item
+            known = _TYPES.get(etype) if type(etype) is str else None
+            if (
+                known is not None
+                and type(ts) is int
+                and 0 <= ts < _MAX_TS
+                and type(entity) is str
+                and 0 < len(entity) <= MAX_ENTITY_LEN
+                and type(value) is str
+                and len(value) <= MAX_VALUE_LEN
+                and (pid is None or (type(pid) is int and 0 < pid < _MAX_PID))
+                and (job is None or (type(job) is str and 0 < len(job) <= MAX_ENTITY_LEN))
+                and not attrs
+                and (attrs is None or type(attrs) is dict)
+            ):
+                return _new_tuple(cls, (ts, known, entity, value, pid, job, NO_ATTRS))
+        return cls._from_wire_checked(item)
+
+    @classmethod
+    def _from_wire_checked(cls, item: object) -> Event:
         if not isinstance(item, list | tuple) or len(item) != 7:
             raise EventError("event", "a 7-item list [ts, type, entity, pid, job, value, attrs]", item)
         ts, etype, entity, pid, job, value, attrs = item
