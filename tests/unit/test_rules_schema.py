@@ -240,6 +240,14 @@ def test_all_any_not_trees_and_their_specificity() -> None:
                  root__entity_class="gpu") == 4
     assert holds(tree, root__code="XID_31", root__repeat_jobs=3, root__entity_class="nvlink") is None
     assert holds(tree, root__code="XID_31", root__repeat_jobs=1, root__entity_class="gpu") is None
+    leaves = [leaf.describe() for leaf in cond(tree).leaves()]  # type: ignore[attr-defined]
+    assert leaves == [
+        "root.code: re:^XID_(13|31|43)$",
+        "root.repeat_jobs: {gte: 2}",
+        "job.gpus_with_root_code: {gte: 2}",
+        "root.kind: 'application'",
+        "root.entity_class: 'nvlink'",
+    ]
     # a mapping of several facts is all of them; `any:` also takes a mapping
     assert holds("{root.code: XID_79, root.node: node3}", root__code="XID_79", root__node="node3") == 2
     assert holds("any: {root.code: XID_79, root.node: node3}", root__code="XID_79", root__node="node1") == 1

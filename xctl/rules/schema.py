@@ -296,8 +296,12 @@ class Leaf(Condition):
     def leaves(self) -> Iterator[Leaf]:
         yield self
 
-    def __repr__(self) -> str:
+    def describe(self) -> str:
+        """``root.code: re:^XID_(48|63)$`` — the leaf as written (normalised)."""
         return f"{self.fact}: {self.matcher.describe()}"
+
+    def __repr__(self) -> str:
+        return self.describe()
 
 
 class AllOf(Condition):
