@@ -7,7 +7,7 @@ atomically from a snapshot (resync), so readers never see half a node.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -97,17 +97,21 @@ class ClusterGraph:
         if event.job is not None:
             self._job_nodes.setdefault(event.job, set()).add(node)
 
-    def apply_all(self, node: str, events: Iterable[Event]) -> None:
+    def apply_all(self, node: str, events: Sequence[Event]) -> None:
+        """Apply a batch from ``node`` (the ingest hot path: one clock read, one job scan)."""
         graph = self.graph(node)
         status = self.seen(node)
+        graph.apply_all(events)
+        status.events += len(events)
         job_nodes = self._job_nodes
-        for event in events:
-            graph.apply(event)
-            status.events += 1
-            if event.job is not None:
-                job_nodes.setdefault(event.job, set()).add(node)
+        for job in {e.job for e in events if e.job is not None}:
+            nodes = job_nodes.get(job)
+            if nodes is None:
+                job_nodes[job] = {node}
+            else:
+                nodes.add(node)
 
-    def replace_node(self, node: str, events: Iterable[Event]) -> NodeGraph:
+    def replace_node(self, node: str, events: Sequence[Event]) -> NodeGraph:
         """Rebuild ``node``'s subgraph from a snapshot and swap it in at once."""
         fresh = NodeGraph(node, self.clock, self.limits)
         fresh.apply_all(events)

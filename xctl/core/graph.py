@@ -14,7 +14,7 @@ cannot expire everybody's errors.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -31,6 +31,16 @@ _COUNT, _FIRST, _AGE, _HIST, _JOBS = "_count", "_first", "_age", "_hist", "_jobs
 _WAIT, _TARGET, _CTIME, _DEAD, _RESET = "_wait", "_target", "_ctime", "_dead", "_reset"
 _PROCESS_ATTRS: Final = ("name", "cmdline", "create_time", "ppid", "rank", "local_rank", "world_size", "exit_code")
 _MAX_JOBS_PER_CODE: Final = 8
+_METRIC_TYPES: Final = frozenset(
+    {
+        EventType.COMPUTE_UTIL,
+        EventType.COMPUTE_MEM,
+        EventType.TRANSPORT_BW,
+        EventType.TRANSPORT_DROP,
+        EventType.STORAGE_IOPS,
+        EventType.STORAGE_QDEPTH,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,9 +212,26 @@ class NodeGraph:
     def apply(self, event: Event) -> None:
         """Fold one event into the graph. Never raises on a well-typed event."""
         now = self.clock()
+        self._apply(event, now)
         self.applied += 1
+        if now >= self._next_expiry:
+            self.expire(now)
+
+    def apply_all(self, events: Sequence[Event]) -> None:
+        """Fold a batch in, reading the clock once (the ingest hot path)."""
+        now = self.clock()
+        apply = self._apply
+        for event in events:
+            apply(event, now)
+        self.applied += len(events)
+        if now >= self._next_expiry:
+            self.expire(now)
+
+    def _apply(self, event: Event, now: int) -> None:
         etype = event.type
-        if event.attrs and _WAIT in event.attrs:
+        if etype in _METRIC_TYPES:
+            self._apply_metric(event, now)
+        elif event.attrs and _WAIT in event.attrs:
             self._restore_wait(event)
         elif etype is EventType.PROCESS_STATE:
             self._apply_state(event, now)
@@ -212,16 +239,8 @@ class NodeGraph:
             self._apply_error(event, now)
         elif etype is EventType.INTENT_RUN:
             self._remember_intent(event)
-        elif etype is EventType.ACTION_EXEC:
-            self._apply_action(event)
         else:
-            self._apply_metric(event, now)
-        if now >= self._next_expiry:
-            self.expire(now)
-
-    def apply_all(self, events: Iterable[Event]) -> None:
-        for event in events:
-            self.apply(event)
+            self._apply_action(event)
 
     def _ignore(self, reason: str) -> None:
         self.ignored[reason] = self.ignored.get(reason, 0) + 1
