@@ -19,6 +19,7 @@ from typing import Any, Final
 import zmq
 
 from xctl import __version__
+from xctl.agent.sdnotify import Notifier
 from xctl.agent.supervisor import Supervisor
 from xctl.core.clock import Clock
 from xctl.core.errors import ProtocolError, XctlError
@@ -63,6 +64,11 @@ class AgentConfig:
     heartbeat_s: float = HEARTBEAT_S
     #: Applied to every socket before connect (the CURVE layer sets keys here).
     socket_setup: SocketSetup | None = None
+    #: The agent's own Prometheus /metrics port (0: off; the documented port is 9446).
+    metrics_port: int = 0
+    metrics_bind: str = "0.0.0.0"
+    #: Tell systemd READY=1 / WATCHDOG=1 / STOPPING=1 over $NOTIFY_SOCKET (the CLI daemons do).
+    systemd_notify: bool = False
 
 
 class Agent:
@@ -89,6 +95,7 @@ class Agent:
         self._context = context
         self._aggregator_start: str | None = None
         self._last_control_rx = 0.0
+        self._notifier = Notifier() if config.systemd_notify else Notifier({})
         names: dict[str, int] = {}
         for spec in config.probes:
             probe = make_probe(spec)  # fail fast on a bad SPEC, before any thread starts
@@ -110,12 +117,22 @@ class Agent:
         identity = f"{self.node}/{self.epoch}".encode()[:255]
         dealer = control_dealer(ctx, eps.control, identity, setup=self.config.socket_setup)
         log.info("agent %s (epoch %s) publishing to %s", self.node, self.epoch, eps.events)
+        metrics: Any = None
         try:
+            if self.config.metrics_port:
+                from xctl.agent.metrics import serve_agent_metrics
+
+                metrics = serve_agent_metrics(self, self.config.metrics_bind, self.config.metrics_port)
             self._send_control(dealer, self._hello())
             self.supervisor.start()
             self.ready.set()
+            self._notifier.ready()
             self._loop(pub, dealer)
         finally:
+            self._notifier.stopping()
+            self._notifier.close()
+            if metrics is not None:
+                metrics.shutdown()
             self.supervisor.stop()
             pub.close()
             dealer.close()
@@ -143,6 +160,7 @@ class Agent:
             if now - last_beat >= self.config.heartbeat_s:
                 last_beat = now
                 self._heartbeat(pub, dealer, idle=now - last_flush >= self.config.heartbeat_s)
+                self._notifier.watchdog()
                 self.supervisor.check()
                 self.graph.expire()
         for event in self.supervisor.drain():

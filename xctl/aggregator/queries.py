@@ -6,6 +6,7 @@ BAD_REQUEST naming it) and raise xctl errors; the server turns those into error 
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -22,6 +23,27 @@ from xctl.core.why import API_VERSION, Explanation, explain
 
 RECENT_EVENTS: Final = 20_000
 MAX_EVENTS_REPLY: Final = 2_000
+#: Upper bounds (seconds) of the query-duration histogram buckets; +Inf is implied.
+QUERY_BUCKETS_S: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass
+class OpTimings:
+    """Cumulative duration histogram of one query op (bounded: one int per bucket).
+
+    Written by the aggregator's socket thread, read by the /metrics thread: ``counts[i]``
+    is the number of queries that took <= ``QUERY_BUCKETS_S[i]`` and more than the bucket
+    before it; the last slot is +Inf. Readers copy ``counts`` and derive the total from it,
+    so a scrape never sees a count that disagrees with its buckets.
+    """
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(QUERY_BUCKETS_S) + 1))
+    sum_s: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(QUERY_BUCKETS_S, seconds)] += 1
+        self.sum_s += seconds
+
 
 #: Hook for the rules layer: enrich an explanation with the matching rule.
 Enricher = Callable[[Explanation, ClusterGraph], Explanation]
@@ -38,7 +60,8 @@ class QueryState:
     recent: deque[tuple[int, str, Event]] = field(default_factory=lambda: deque(maxlen=RECENT_EVENTS))
     next_cursor: int = 0
     enrich: Enricher | None = None
-    query_seconds: dict[str, list[float]] = field(default_factory=dict)
+    #: op → duration histogram (only ops that exist: unknown ops are refused before timing).
+    query_timings: dict[str, OpTimings] = field(default_factory=dict)
 
     def remember(self, node: str, events: tuple[Event, ...]) -> None:
         recent = self.recent
@@ -172,7 +195,7 @@ def handle(state: QueryState, op: str, args: Mapping[str, Any], handlers: Mappin
     try:
         return handler(state, args)
     finally:
-        samples = state.query_seconds.setdefault(op, [])
-        samples.append(time.perf_counter() - started)
-        if len(samples) > 1000:
-            del samples[:500]
+        timings = state.query_timings.get(op)
+        if timings is None:
+            timings = state.query_timings[op] = OpTimings()
+        timings.observe(time.perf_counter() - started)

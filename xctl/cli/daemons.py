@@ -12,8 +12,10 @@ from types import FrameType
 from typing import Any, Final
 
 import click
+from click.core import ParameterSource
 
 from xctl.agent.daemon import Agent, AgentConfig
+from xctl.aggregator.metrics import DEFAULT_METRICS_PORT
 from xctl.aggregator.server import Aggregator, AggregatorConfig
 from xctl.cli import config, render
 from xctl.cli.common import guarded
@@ -120,16 +122,31 @@ def _with(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
 @click.option("--node", default=None, help="this node's name (default: hostname)")
 @probe_option
 @click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="base port P (P, P+1, P+2)")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="serve Prometheus /metrics on 127.0.0.1:M (0: off; the aggregator's usual port is 9445)",
+)
 @_with(liveness_options)
 @guarded
-def run(node: str | None, probes: tuple[str, ...], port: int, suspect_after: float, dead_after: float) -> None:
+def run(
+    node: str | None, probes: tuple[str, ...], port: int, metrics_port: int, suspect_after: float, dead_after: float
+) -> None:
     """Everything on this machine in one process: aggregator + agent (loopback)."""
     name = node or default_node_name()
     specs = usable_probes(probes or DEFAULT_PROBES, explicit=bool(probes))
     aggregator = Aggregator(
-        AggregatorConfig(bind="127.0.0.1", port=port, liveness=_liveness(suspect_after, dead_after))
+        AggregatorConfig(
+            bind="127.0.0.1",
+            port=port,
+            liveness=_liveness(suspect_after, dead_after),
+            metrics_port=metrics_port,
+            metrics_bind="127.0.0.1",
+        )
     )
-    agent = Agent(AgentConfig(node=name, aggregator_host="127.0.0.1", port=port, probes=specs))
+    agent = Agent(AgentConfig(node=name, aggregator_host="127.0.0.1", port=port, probes=specs, systemd_notify=True))
     con = render.console(stderr=True)
     con.print(f"xctl run: node {name}, probes {', '.join(specs) or 'none'}; aggregator on 127.0.0.1:{port}")
     con.print(f"  try: xctl ps    xctl nodes    xctl why {name}:<pid>    (Ctrl-C stops)")
@@ -148,13 +165,39 @@ def run(node: str | None, probes: tuple[str, ...], port: int, suspect_after: flo
 @probe_option
 @click.option("--batch-max", type=click.IntRange(1, 1000), default=1000, show_default=True,
               help="most events per batch (flushes also every 50 ms)")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="serve this agent's Prometheus /metrics on port M (0: off; the usual port is 9446)",
+)
+@click.option("--metrics-bind", default="0.0.0.0", show_default=True, help="address for --metrics-port")
 @guarded
-def agent(aggregator_addr: str | None, node: str | None, probes: tuple[str, ...], batch_max: int) -> None:
+def agent(
+    aggregator_addr: str | None,
+    node: str | None,
+    probes: tuple[str, ...],
+    batch_max: int,
+    metrics_port: int,
+    metrics_bind: str,
+) -> None:
     """The node agent: run probes and publish events to the aggregator."""
     host, port = parse_address(str(config.resolve("aggregator", aggregator_addr, config.DEFAULT_AGGREGATOR)))
     name = node or default_node_name()
     specs = usable_probes(probes or DEFAULT_PROBES, explicit=bool(probes))
-    daemon = Agent(AgentConfig(node=name, aggregator_host=host, port=port, probes=specs, flush_max=batch_max))
+    daemon = Agent(
+        AgentConfig(
+            node=name,
+            aggregator_host=host,
+            port=port,
+            probes=specs,
+            flush_max=batch_max,
+            metrics_port=metrics_port,
+            metrics_bind=metrics_bind,
+            systemd_notify=True,
+        )
+    )
     render.console(stderr=True).print(f"xctl agent {name}: probes {', '.join(specs) or 'none'} → {host}:{port}")
     _serve([("agent", daemon.run, daemon.request_stop)])
 
@@ -162,13 +205,50 @@ def agent(aggregator_addr: str | None, node: str | None, probes: tuple[str, ...]
 @click.command()
 @click.option("--bind", default="127.0.0.1", show_default=True, help="address to listen on (* for all)")
 @click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="base port P (P, P+1, P+2)")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_METRICS_PORT,
+    show_default=True,
+    help="Prometheus /metrics port (0: off; 9400 is dcgm-exporter's)",
+)
+@click.option("--metrics-bind", default=None, metavar="ADDR", help="address for /metrics (default: --bind)")
 @_with(liveness_options)
 @guarded
-def aggregator(bind: str, port: int, suspect_after: float, dead_after: float) -> None:
-    """The head-node aggregator: cluster graph, queries, command routing."""
-    daemon = Aggregator(AggregatorConfig(bind=bind, port=port, liveness=_liveness(suspect_after, dead_after)))
-    render.console(stderr=True).print(f"xctl aggregator listening on {bind}:{port}-{port + 2}")
+def aggregator(
+    bind: str, port: int, metrics_port: int, metrics_bind: str | None, suspect_after: float, dead_after: float
+) -> None:
+    """The head-node aggregator: cluster graph, queries, command routing, /metrics."""
+    mbind = metrics_bind or bind
+    explicit = click.get_current_context().get_parameter_source("metrics_port") is not ParameterSource.DEFAULT
+    if metrics_port and not explicit and not _port_free(mbind, metrics_port):
+        log.warning("port %d is taken on %s: /metrics is off (give --metrics-port to choose one)", metrics_port, mbind)
+        metrics_port = 0
+    daemon = Aggregator(
+        AggregatorConfig(
+            bind=bind,
+            port=port,
+            liveness=_liveness(suspect_after, dead_after),
+            metrics_port=metrics_port,
+            metrics_bind=mbind,
+        )
+    )
+    served = f"; /metrics on {mbind}:{metrics_port}" if metrics_port else ""
+    render.console(stderr=True).print(f"xctl aggregator listening on {bind}:{port}-{port + 2}{served}")
     _serve([("aggregator", daemon.run, daemon.request_stop)])
+
+
+def _port_free(bind: str, port: int) -> bool:
+    """Whether ``port`` can be listened on at ``bind`` now (the default metrics port is then used)."""
+    host = "0.0.0.0" if bind in ("*", "") else bind
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 # ------------------------------------------------------------------------------ demo

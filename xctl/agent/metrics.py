@@ -1,0 +1,144 @@
+"""The agent's own, optional Prometheus ``/metrics`` (``xctl agent --metrics-port 9446``).
+
+The aggregator already exports every node's graph, liveness and probe states; this endpoint
+adds what only the agent knows: its probes' restarts, crashes, hangs and rejected input,
+its hand-over queue, and what it could not send. Like the aggregator's, the collector builds
+fresh families on each scrape, in the HTTP server's thread, from counters that the agent
+loop and the probe threads keep updating: it copies each dict before walking it and builds
+the scrape once more if one changed under it (see xctl/aggregator/metrics.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Final
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from xctl import __version__
+from xctl.core.errors import XctlError
+
+log = logging.getLogger(__name__)
+
+#: The documented port for agents (off unless ``--metrics-port`` is given).
+DEFAULT_AGENT_METRICS_PORT: Final = 9446
+#: The node label, as in the aggregator's metrics (dcgm-exporter's name for it).
+NODE: Final = "Hostname"
+
+
+class AgentCollector(Collector):
+    def __init__(self, agent: Any) -> None:
+        self._agent = agent
+        self._lock = threading.Lock()
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> list[Metric]:
+        with self._lock:
+            try:
+                return self._build()
+            except RuntimeError as exc:
+                if "during iteration" not in str(exc):
+                    raise
+                return self._build()
+
+    def _build(self) -> list[Metric]:
+        agent = self._agent
+        node = agent.node
+        sup = agent.supervisor
+        info = GaugeMetricFamily(
+            "xctl_agent_build_info", "Version and epoch of this agent (always 1).", labels=[NODE, "version", "epoch"]
+        )
+        info.add_metric([node, __version__, agent.epoch], 1)
+        up = GaugeMetricFamily(
+            "xctl_probe_up",
+            "1 if the probe is running, else 0; state is running, restarting, hung, disabled or starting.",
+            labels=[NODE, "probe", "state"],
+        )
+        restarts = CounterMetricFamily(
+            "xctl_probe_restarts", "Probe restarts after a crash or hang.", labels=[NODE, "probe"]
+        )
+        crashes = CounterMetricFamily(
+            "xctl_probe_crashes", "Probe crashes (raised, or ended on its own).", labels=[NODE, "probe"]
+        )
+        hangs = CounterMetricFamily(
+            "xctl_probe_hangs", "Probes abandoned for silence beyond their heartbeat.", labels=[NODE, "probe"]
+        )
+        bad = CounterMetricFamily(
+            "xctl_probe_bad_input",
+            "Input lines or readings a probe rejected, by reason (bad_json, too_long, wrong_node, …).",
+            labels=[NODE, "probe", "reason"],
+        )
+        for slot in list(sup.slots):
+            up.add_metric([node, slot.name, slot.state], 1 if slot.state == "running" else 0)
+            restarts.add_metric([node, slot.name], slot.restarts)
+            crashes.add_metric([node, slot.name], slot.crashes)
+            hangs.add_metric([node, slot.name], slot.hangs)
+            for reason, n in sorted(dict(slot.bad).items()):
+                bad.add_metric([node, slot.name, reason], n)
+        queue_dropped = CounterMetricFamily(
+            "xctl_agent_queue_dropped",
+            "Events dropped (oldest first) because the probe → agent queue was full.",
+            labels=[NODE],
+        )
+        queue_dropped.add_metric([node], sup.dropped)
+        queue_len = GaugeMetricFamily(
+            "xctl_agent_queue_length", "Events waiting in the probe → agent queue.", labels=[NODE]
+        )
+        queue_len.add_metric([node], sup.pending())
+        sent = CounterMetricFamily("xctl_agent_events_sent", "Events published to the aggregator.", labels=[NODE])
+        sent.add_metric([node], agent.sent_events)
+        dropped = CounterMetricFamily(
+            "xctl_agent_dropped",
+            "Messages the agent dropped, by reason (pub_hwm: aggregator slow or away; event_too_large; "
+            "control_hwm; bad control messages).",
+            labels=[NODE, "reason"],
+        )
+        for reason, n in sorted(agent.drops.as_dict().items()):
+            dropped.add_metric([node, reason], n)
+        return [info, up, restarts, crashes, hangs, bad, queue_dropped, queue_len, sent, dropped]
+
+
+class MetricsServer:
+    """prometheus_client's HTTP server and its thread, stoppable."""
+
+    def __init__(self, httpd: Any, thread: threading.Thread) -> None:
+        self._httpd = httpd
+        self._thread = thread
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_port)
+
+    def shutdown(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(2.0)
+
+
+def make_registry(agent: Any) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AgentCollector(agent))
+    return registry
+
+
+def serve_agent_metrics(agent: Any, bind: str, port: int) -> MetricsServer:
+    """Serve the agent's /metrics in a daemon thread; ``.shutdown()`` stops it."""
+    addr = "0.0.0.0" if bind in ("*", "") else bind
+    try:
+        started = start_http_server(port, addr=addr, registry=make_registry(agent))
+    except OSError as exc:
+        raise XctlError(
+            f"cannot serve the agent's /metrics on {addr}:{port}: {exc.strerror or exc} "
+            "(choose another --metrics-port, or 0 to disable it)"
+        ) from exc
+    if not isinstance(started, tuple):
+        raise XctlError("this prometheus-client does not hand back its HTTP server: upgrade prometheus-client")
+    httpd, thread = started
+    log.info("agent /metrics on http://%s:%d/metrics", addr, httpd.server_port)
+    return MetricsServer(httpd, thread)
