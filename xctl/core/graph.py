@@ -27,8 +27,9 @@ ENDED_STATES: Final = frozenset({"exit", "killed", "oom_killed"})
 #: Attributes with a leading underscore carry snapshot bookkeeping, never probe data.
 _COUNT, _FIRST, _AGE, _HIST, _JOBS = "_count", "_first", "_age", "_hist", "_jobs"
 #: Snapshot bookkeeping of a WaitsOn edge: reason, target, owner's create_time, owner is a
-#: tombstone, and "forget the waits the replay derived so far".
-_WAIT, _TARGET, _CTIME, _DEAD, _RESET = "_wait", "_target", "_ctime", "_dead", "_reset"
+#: tombstone, "forget the waits the replay derived so far", and the type of the event behind
+#: the edge (the restore itself travels as a process.state event, off the metrics hot path).
+_WAIT, _TARGET, _CTIME, _DEAD, _RESET, _TYPE = "_wait", "_target", "_ctime", "_dead", "_reset", "_type"
 _PROCESS_ATTRS: Final = ("name", "cmdline", "create_time", "ppid", "rank", "local_rank", "world_size", "exit_code")
 _MAX_JOBS_PER_CODE: Final = 8
 _METRIC_TYPES: Final = frozenset(
@@ -282,7 +283,7 @@ class NodeGraph:
             proc.d_state_since = None
             for key in [k for k, w in proc.waits.items() if w.reason == "d_state"]:
                 del proc.waits[key]
-        proc.state = "running" if state == "start" else state
+        proc.state = state
         proc.state_event = event
         if state in ENDED_STATES or _AGE in event.attrs:
             # (a snapshot's tombstone carries its age, whatever state it ended in)
@@ -410,7 +411,11 @@ class NodeGraph:
         if not isinstance(reason, str) or not reason or not isinstance(target, str) or not target:
             return
         clean = {k: v for k, v in attrs.items() if not k.startswith("_")}
-        original = Event(event.ts, event.type, event.entity, event.value, event.pid, event.job, clean)
+        try:
+            etype = EventType(str(attrs.get(_TYPE)))
+        except ValueError:
+            etype = event.type
+        original = Event(event.ts, etype, event.entity, event.value, event.pid, event.job, clean)
         proc.waits[target] = Wait(target, reason, original, original)
 
     # metrics --------------------------------------------------------------------
@@ -812,8 +817,8 @@ def _wait_events(proc: Process, *, dead: bool) -> Iterator[Event]:
         return
     for wait in proc.waits.values():
         ev = wait.first
-        attrs = {**ev.attrs, **base, _WAIT: wait.reason, _TARGET: wait.target}
-        yield Event(ev.ts, ev.type, ev.entity, ev.value, proc.pid, ev.job, attrs)
+        attrs = {**ev.attrs, **base, _WAIT: wait.reason, _TARGET: wait.target, _TYPE: ev.type.value}
+        yield Event(ev.ts, EventType.PROCESS_STATE, ev.entity, ev.value, proc.pid, ev.job, attrs)
         base.pop(_RESET, None)
 
 

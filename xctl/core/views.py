@@ -47,7 +47,7 @@ def process_row(node: str, graph: NodeGraph, proc: Process) -> dict[str, Any]:
         "name": proc.name,
         "job": proc.job,
         "rank": proc.rank,
-        "state": proc.state,
+        "state": "running" if proc.state == "start" else proc.state,
         "gpus": gpus,
         "verdict": quick_verdict(graph, proc),
         "create_time": proc.create_time,
