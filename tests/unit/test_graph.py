@@ -356,7 +356,7 @@ def test_start_creates_a_process_with_its_attributes_and_job() -> None:
         4812,
         1_732_349_000.5,
         "python3",
-        "running",  # a started process is running; "start" is the event, not a state
+        "start",
         "job-42",
         3,
     )
