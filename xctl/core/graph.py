@@ -559,6 +559,8 @@ class NodeGraph:
             codes = self.history[entity] = {}
             if len(self.history) > self.limits.max_history_entities:
                 self.history.popitem(last=False)
+        else:
+            self.history.move_to_end(entity)
         entry = codes.get(event.value)
         if entry is None:
             if len(codes) >= self.limits.max_history_codes:
