@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -57,17 +57,27 @@ class QueryState:
     start_id: str
     started_ms: int
     counters: Callable[[], dict[str, Any]]
-    recent: deque[tuple[int, str, Event]] = field(default_factory=lambda: deque(maxlen=RECENT_EVENTS))
+    #: Recent batches as (cursor of their first event, node, events): one append per batch,
+    #: not per event, keeps this off the ingest hot path. Bounded by RECENT_EVENTS events.
+    recent: deque[tuple[int, str, tuple[Event, ...]]] = field(default_factory=deque)
+    recent_events: int = 0
     next_cursor: int = 0
     enrich: Enricher | None = None
     #: op → duration histogram (only ops that exist: unknown ops are refused before timing).
     query_timings: dict[str, OpTimings] = field(default_factory=dict)
 
     def remember(self, node: str, events: tuple[Event, ...]) -> None:
-        recent = self.recent
-        for event in events:
-            self.next_cursor += 1
-            recent.append((self.next_cursor, node, event))
+        self.recent.append((self.next_cursor + 1, node, events))
+        self.next_cursor += len(events)
+        self.recent_events += len(events)
+        while self.recent_events > RECENT_EVENTS:
+            self.recent_events -= len(self.recent.popleft()[2])
+
+    def iter_recent(self) -> Iterator[tuple[int, str, Event]]:
+        """Newest first: (cursor, node, event)."""
+        for first, node, events in reversed(self.recent):
+            for offset in range(len(events) - 1, -1, -1):
+                yield first + offset, node, events[offset]
 
 
 Handler = Callable[[QueryState, Mapping[str, Any]], Any]
@@ -137,7 +147,7 @@ def op_events(state: QueryState, args: Mapping[str, Any]) -> Any:
     since = a.get("since_ms")
     node, entity, pid = a.get("node"), a.get("entity"), a.get("pid")
     items: list[dict[str, Any]] = []
-    for cursor, ev_node, event in reversed(state.recent):
+    for cursor, ev_node, event in state.iter_recent():
         if cursor <= after:
             break
         if since is not None and event.ts < since:
