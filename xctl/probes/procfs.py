@@ -46,6 +46,8 @@ from xctl.probes.jobid import NO_IDENTITY, JobIdentity, identify
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_S: Final = 2.0
+#: Unselected processes are re-read every this many samples (exec, reparenting).
+RECHECK_EVERY: Final = 20
 DEFAULT_WATCH: Final = ("python[0-9.]*", "torchrun", "mpirun", "srun", "deepspeed")
 #: Consecutive samples in D before ``d_state`` is reported (a short D is normal I/O).
 D_STATE_SAMPLES: Final = 3
@@ -349,6 +351,7 @@ class ProcfsProbe:
         self._boot_time: float | None = None
         self._mem_total: int | None = None
         self._samples = 0
+        self._skipped: dict[int, ProcStat] = {}
         self._problem: str | None = None
 
     @classmethod
@@ -386,6 +389,19 @@ class ProcfsProbe:
                 return fh.read()
         except OSError:
             return None
+
+    def _read_stat(self, pid: int) -> str | None:
+        """/proc/PID/stat with one raw read (no text wrapper: this runs for every process)."""
+        try:
+            fd = os.open(f"{self.root}/{pid}/stat", os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            return os.read(fd, 4096).decode("utf-8", "replace")
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def _read_bytes(self, *parts: str, limit: int = -1) -> bytes | None:
         try:
@@ -428,8 +444,17 @@ class ProcfsProbe:
         first_sample = self._samples == 0
         self._samples += 1
         stats: dict[int, ProcStat] = {}
+        # Processes not selected last time are re-read only every RECHECK_EVERY samples (an
+        # exec or a reparenting shows up then): reading every stat of a busy host each second
+        # was most of the agent's CPU. Tracked processes are read every time.
+        recheck = self._samples % RECHECK_EVERY == 1
+        skipped = self._skipped
         for pid in pids:
-            text = self._read_text(str(pid), "stat")
+            known = None if recheck else skipped.get(pid)
+            if known is not None:
+                stats[pid] = known
+                continue
+            text = self._read_stat(pid)
             if text is None:
                 continue  # gone between listdir and open: normal
             st = parse_stat(text)
@@ -452,6 +477,7 @@ class ProcfsProbe:
         argvs = {key: argv for key, (_, argv) in argv_cache.items()}
 
         selected = self._select(stats, argvs)
+        self._skipped = {pid: st for pid, st in stats.items() if pid not in selected}
         events: list[Event] = []
         current: set[tuple[int, int]] = set()
         for pid in sorted(selected):
