@@ -71,7 +71,7 @@ class AgentCollector(Collector):
         )
         bad = CounterMetricFamily(
             "xctl_probe_bad_input",
-            "Input lines or readings a probe rejected, by reason (bad_json, too_long, wrong_node, …).",
+            "Input lines or readings a probe rejected, by reason (bad_json, line_too_long, wrong_node, …).",
             labels=[NODE, "probe", "reason"],
         )
         for slot in list(sup.slots):
