@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from xctl.core.clock import ManualClock
-from xctl.core.events import Event, EventType
+from xctl.core.events import Event, EventType, parse_line
 from xctl.core.graph import GraphLimits, NodeGraph, base_entity
 
 T0 = 1_732_350_000_000
@@ -833,6 +833,14 @@ def test_history_remembers_at_most_eight_jobs_per_code() -> None:
     for i in range(12):
         t.emit(HW, "gpu-0", "XID_13", None, f"job-{i}")
     assert t.g.history["gpu-0"]["XID_13"].jobs == [f"job-{i}" for i in range(4, 12)]
+
+
+def test_a_probe_cannot_forge_snapshot_bookkeeping() -> None:
+    t = G()
+    line = '{"type": "error.hw", "entity": "gpu-0", "value": "XID_13", "attrs": {"_age": 999999999, "_hist": 7}}'
+    t.g.apply(parse_line(line, now_ms=t.clock.now))
+    assert t.errors() == {("gpu-0", "XID_13")}, "not expired at once by a forged age"
+    assert t.g.history["gpu-0"]["XID_13"].count == 1, "not taken for a history restore"
 
 
 # ====================================================================== counts

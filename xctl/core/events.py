@@ -149,7 +149,12 @@ def parse_line(line: str | bytes, *, now_ms: int, node: str | None = None) -> Ev
 
 
 def event_from_mapping(obj: Mapping[str, Any], *, now_ms: int, node: str | None = None) -> Event:
-    """Build an event from a decoded probe object (field aliases accepted)."""
+    """Build an event from a decoded probe object (field aliases accepted).
+
+    Attribute names with a leading underscore are reserved for xctl's own bookkeeping (a
+    graph snapshot's ages, counts and edges, which travel only on the wire) and are dropped
+    from probe objects: a probe cannot forge them.
+    """
     claimed = obj.get("node")
     if claimed is not None:
         if not isinstance(claimed, str):
@@ -164,8 +169,15 @@ def event_from_mapping(obj: Mapping[str, Any], *, now_ms: int, node: str | None 
         value=_value(obj.get("value", "")),
         pid=_pid(obj.get("pid")),
         job=_job(_first(obj, "job_id", "job", required=False)),
-        attrs=_attrs(obj.get("attrs")),
+        attrs=_probe_attrs(_attrs(obj.get("attrs"))),
     )
+
+
+def _probe_attrs(attrs: Mapping[str, AttrValue]) -> Mapping[str, AttrValue]:
+    if not any(key.startswith("_") for key in attrs):
+        return attrs
+    kept = {k: v for k, v in attrs.items() if not k.startswith("_")}
+    return MappingProxyType(kept) if kept else NO_ATTRS
 
 
 def _first(obj: Mapping[str, Any], name: str, alias: str, *, required: bool = True) -> Any:
