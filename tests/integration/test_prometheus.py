@@ -100,8 +100,13 @@ def test_prometheus_scrapes_the_aggregator_and_sees_the_series_with_their_labels
     target = f"127.0.0.1:{mport}"
     prom = Prometheus(tmp_path, [target])
     try:
+
+        def both_up() -> dict[str, dict[str, Any]] | None:
+            nodes = by_node(prom.query("xctl_agent_up == 1"))
+            return nodes if len(nodes) == 2 else None
+
         up = wait_for(
-            lambda: by_node(prom.query("xctl_agent_up == 1")) if len(prom.query("xctl_agent_up == 1")) == 2 else None,
+            both_up,
             timeout=60,
             what="Prometheus to have scraped both agents as up",
             interval=0.5,
