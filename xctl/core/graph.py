@@ -654,7 +654,7 @@ class NodeGraph:
         return self.processes.get(pid) or self._tombstone(pid)
 
     def resource_consumers(self, base: str) -> Iterator[int]:
-        """Live pids consuming ``base`` or any of its sub-resources."""
+        """Live pids consuming ``base`` itself (consumers of ``gpu-1/nvlink-0`` are not included)."""
         res = self.resources.get(base)
         if res is not None:
             yield from (p for p in res.consumers if p in self.processes)
