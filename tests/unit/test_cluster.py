@@ -232,6 +232,7 @@ def test_replace_node_keeps_dead_ranks_in_their_job_on_a_fresh_aggregator() -> N
     c.cluster.replace_node("node1", agent.snapshot_events())
     ranks = c.cluster.ranks("job-a")
     assert [(r.node, r.rank, r.process.alive) for r in ranks] == [("node0", 0, True), ("node1", 1, False)]
+    c.emit("node0", U, "gpu-0", "0", 100, "job-a")  # the survivor stalls: it waits on its dead peer
     exp = explain(c.cluster, Target(node="node0", pid=100))
     assert exp.root is not None
     assert (exp.root.node, exp.root.entity, exp.root.code) == ("node1", "gpu-1", "XID_79")

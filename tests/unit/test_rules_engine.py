@@ -40,6 +40,11 @@ def xid_on_rank(s: Scenario, xid: int, *, node: str = "node0", local: int = 1, j
     s.emit(node, EventType.ERROR_HW, f"gpu-{local}", f"XID_{xid}", s.pid(local), job or s.job, xid=xid)
 
 
+def stall(s: Scenario, node: str, local: int) -> None:
+    """The asked-about rank idles at a collective: it waits on its peers."""
+    s.emit(node, EventType.COMPUTE_UTIL, f"gpu-{local}", "0", s.pid(local), s.job)
+
+
 def why(s: Scenario, node: str, pid: int) -> Explanation:
     return explain(s.cluster, Target(node=node, pid=pid))
 
@@ -67,6 +72,7 @@ def test_same_code_across_gpus_of_one_job() -> None:
     xid_on_rank(s, 31, node="node0", local=1)
     xid_on_rank(s, 31, node="node1", local=2)
     xid_on_rank(s, 31, node="node1", local=3)
+    stall(s, "node0", 0)
     facts = compute(why(s, "node0", s.pid(0)), s.cluster)
     assert facts.get("job.gpus_with_root_code") == 3
     assert facts.get("job.nodes_with_root_code") == 2
@@ -213,6 +219,7 @@ def test_matching_is_deterministic_whatever_the_rule_order() -> None:
     s.start_job()
     xid_on_rank(s, 48, local=2)
     s.emit("node0", EventType.ERROR_HW, "gpu-2", "XID_63")
+    stall(s, "node1", 0)
     ruleset = load_rules([])
     exp = why(s, "node1", s.pid(0))
     expected = Engine(ruleset).enrich(exp, s.cluster).rule

@@ -146,6 +146,8 @@ def test_pcie_link_degraded_to_x4() -> None:
     s = Scenario(nodes=1, ranks_per_node=4)
     s.start_job()
     s.emit("node0", EventType.TOPO_LINK_DOWN, "gpu-2/pcie", "PCIE_DEGRADED", width=4, max_width=16, gen=5, max_gen=5)
+    for i in (0, 1, 3):  # the others idle at the collective, waiting for the slow rank
+        s.emit("node0", EventType.COMPUTE_UTIL, f"gpu-{i}", "12", s.pid(i), s.job)
     exp = why(s, "node0", s.pid(2))
     assert_root(exp, "node0", "gpu-2/pcie", "PCIE_DEGRADED")
     assert exp.verdict == "degraded"

@@ -32,6 +32,8 @@ _COUNT, _FIRST, _AGE, _HIST, _JOBS = "_count", "_first", "_age", "_hist", "_jobs
 _WAIT, _TARGET, _CTIME, _DEAD, _RESET, _TYPE = "_wait", "_target", "_ctime", "_dead", "_reset", "_type"
 _PROCESS_ATTRS: Final = ("name", "cmdline", "create_time", "ppid", "rank", "local_rank", "world_size", "exit_code")
 _MAX_JOBS_PER_CODE: Final = 8
+#: Clocks of the kernel log and of /proc create times disagree by this much at most.
+_CREATE_SLACK_MS: Final = 1_000
 _METRIC_TYPES: Final = frozenset(
     {
         EventType.COMPUTE_UTIL,
@@ -63,6 +65,8 @@ class GraphLimits:
     slow_await_ms: float = 100.0
     #: transport bandwidth (Gbit/s) at or below which a process using it counts as stalled.
     stall_gbps: float = 0.0
+    #: GPU utilisation (percent) at or above which a process counts as making progress.
+    busy_util_pct: float = 50.0
 
 
 def base_entity(entity: str) -> str:
@@ -445,8 +449,20 @@ class NodeGraph:
                 self._wait(proc, event.entity, "stalled", event)
             else:
                 proc.waits.pop(event.entity, None)
+                self._progress(proc)
         else:
             usage.util = event
+            if etype is EventType.COMPUTE_UTIL and proc.waits:
+                util = as_float(event.value)
+                if util is not None and util >= self.limits.busy_util_pct:
+                    self._progress(proc)
+
+    @staticmethod
+    def _progress(proc: Process) -> None:
+        """The process moves data or computes again: it no longer waits on its job's peers."""
+        if proc.waits:
+            for target in [t for t in proc.waits if t.startswith("job:")]:
+                del proc.waits[target]
 
     def _resource(self, entity: str, now: int) -> Resource:
         res = self.resources.get(entity)
@@ -668,11 +684,15 @@ class NodeGraph:
                 out.append(err)
         return out
 
-    def errors_of(self, pid: int) -> list[ErrorVertex]:
+    def errors_of(self, pid: int, *, created: float | None = None) -> list[ErrorVertex]:
+        """Active errors naming ``pid``. With ``created`` (the process's create time, in
+        seconds), errors last seen before that process existed are about an earlier process
+        that had the same pid, and are left out."""
         out = []
+        floor = None if created is None else int(created * 1000) - _CREATE_SLACK_MS
         for key in self.errors_by_pid.get(pid, ()):
             err = self.errors.get(key) or self.conditions.get(key)
-            if err is not None:
+            if err is not None and (floor is None or err.last.ts >= floor):
                 out.append(err)
         return out
 

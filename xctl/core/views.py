@@ -20,7 +20,7 @@ def quick_verdict(graph: NodeGraph, proc: Process) -> str:
     if proc.state in ENDED_STATES or proc.state == "zombie":
         return "exited"
     degraded = False
-    errors = graph.errors_of(proc.pid)
+    errors = graph.errors_of(proc.pid, created=proc.create_time)
     for entity in proc.consumes:
         errors.extend(graph.errors_on(entity))
     for err in errors:

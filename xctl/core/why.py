@@ -28,6 +28,7 @@ API_VERSION: Final = "xctl/v1"
 _MAX_ALTERNATIVES: Final = 5
 _MAX_SYMPTOMS: Final = 20
 _NCCL_PEER_SLACK_MS: Final = 5_000
+_BUSY_UTIL_PCT: Final = 50.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +332,7 @@ def local_findings(cluster: ClusterGraph, node: str, proc: Process) -> _Local:
     out = _Local()
     me = _pname(node, proc)
     seen: set[tuple[str, str]] = set()
-    for err in graph.errors_of(proc.pid):
+    for err in graph.errors_of(proc.pid, created=proc.create_time):
         seen.add(err.key)
         if err.code == "NCCL_TIMEOUT":
             out.job_wait.append(err.first)
@@ -540,7 +541,7 @@ def explain(cluster: ClusterGraph, target: Target) -> Explanation:
     findings = list(local.findings)
     symptoms = list(local.symptoms)
     remote: dict[int, tuple[Step, ...]] = {}
-    if proc.job is not None:
+    if proc.job is not None and _needs_peers(proc, local):
         job_step = Step("WaitsOn", me, f"job:{proc.job}", tuple(local.job_wait[:3]))
         peers = _job_findings(cluster, proc.job, exclude=(node, proc.pid), symptoms=symptoms)
         for f in peers:
@@ -556,6 +557,17 @@ def explain(cluster: ClusterGraph, target: Target) -> Explanation:
     verdict = _verdict(proc, root, id(root) in remote if root else False)
     info = TargetInfo(node, proc.pid, proc.name, proc.job, proc.rank, proc.state)
     return Explanation(info, verdict, root, chain, alternatives, _dedupe(symptoms, root), None, cluster.clock())
+
+
+def _needs_peers(proc: Process, local: _Local) -> bool:
+    """Look at the job's other ranks only when this one waits, stalls or stopped — a rank
+    computing at full speed is not explained by a peer's harmless corrected error."""
+    if proc.state not in ("start", "running") or proc.waits or local.job_wait:
+        return True
+    utils = [u.util_pct for u in proc.gpus()]
+    if not utils or any(u is None for u in utils):
+        return True
+    return any(u is not None and u < _BUSY_UTIL_PCT for u in utils)
 
 
 def _job_findings(
