@@ -620,6 +620,12 @@ class NodeGraph:
         self._remember_intent(event)
 
     # ------------------------------------------------------------------ windows
+    def expire_due(self) -> None:
+        """Expire if the last pass is more than a second old (cheap to call often)."""
+        now = self.clock()
+        if now >= self._next_expiry:
+            self.expire(now)
+
     def expire(self, now: int | None = None) -> None:
         """Drop expired errors and tombstones. Amortised O(1): both are kept in expiry order."""
         now = self.clock() if now is None else now

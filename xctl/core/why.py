@@ -329,6 +329,7 @@ def _err_name(node: str, err: ErrorVertex) -> str:
 def local_findings(cluster: ClusterGraph, node: str, proc: Process) -> _Local:
     """Everything on ``proc``'s own node that could explain it."""
     graph = cluster.nodes[node]
+    graph.expire_due()  # windows of the nodes we look at, not of the whole cluster
     out = _Local()
     me = _pname(node, proc)
     seen: set[tuple[str, str]] = set()
@@ -532,7 +533,6 @@ def _node_down(cluster: ClusterGraph, node: str, job: str, via: str) -> Finding 
 
 def explain(cluster: ClusterGraph, target: Target) -> Explanation:
     """Explain a process (``node:pid`` / ``pid``) or a whole job (``job:ID``)."""
-    cluster.expire()
     if target.job is not None:
         return _explain_job(cluster, target.job)
     node, proc = resolve(cluster, target)
