@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import uuid
 from collections.abc import Callable
@@ -19,11 +20,12 @@ from typing import Any, Final
 import zmq
 
 from xctl import __version__
+from xctl.agent.actuator import CTIME_TOLERANCE_S, Actuator
 from xctl.agent.sdnotify import Notifier
 from xctl.agent.supervisor import Supervisor
 from xctl.core.clock import Clock
 from xctl.core.errors import ProtocolError, XctlError
-from xctl.core.events import Event
+from xctl.core.events import Event, EventType
 from xctl.core.graph import NodeGraph
 from xctl.probes.base import Probe
 from xctl.probes.registry import make_probe
@@ -31,6 +33,7 @@ from xctl.sysclock import mono_s, wall_ms
 from xctl.wire.codec import CONTROL_MAX, EVENTS_MAX, DropCounter, pack
 from xctl.wire.framing import batch_frames, control_frames, read_control
 from xctl.wire.messages import (
+    Ack,
     Command,
     ErrorMessage,
     EventBatch,
@@ -49,6 +52,13 @@ FLUSH_MAX: Final = 1000
 HEARTBEAT_S: Final = 1.0
 #: The aggregator is presumed gone (and hello is repeated) after this much control silence.
 AGGREGATOR_SILENT_S: Final = 5.0
+#: Commands executing at once; more are refused (each holds a worker thread for its grace period).
+MAX_INFLIGHT_COMMANDS: Final = 32
+COMMAND_POLL_MS: Final = 5
+#: How long after a zap a probe's "exit" for one of its processes is recorded as "killed"
+#: (a probe notices an exit up to one sample interval late), and how many pids are remembered.
+ZAPPED_MEMORY_S: Final = 60.0
+MAX_ZAPPED: Final = 8192
 
 CommandHandler = Callable[[Command], Result]
 
@@ -92,6 +102,11 @@ class Agent:
         self.stop_event = threading.Event()
         self.ready = threading.Event()
         self.command_handler = command_handler
+        #: Commands run on worker threads; their results come back here for the socket thread.
+        self._results: queue.SimpleQueue[tuple[str, Command, Any]] = queue.SimpleQueue()
+        self._inflight: dict[str, Command] = {}
+        #: pid → (create_time, requested_by, command id, forget after (monotonic s)) of zapped processes.
+        self._zapped: dict[int, tuple[float, str, str, float]] = {}
         self._context = context
         self._aggregator_start: str | None = None
         self._last_control_rx = 0.0
@@ -147,10 +162,14 @@ class Agent:
         flush_s = self.config.flush_ms / 1000
         last_flush = last_beat = mono_s()
         while not self.stop_event.is_set():
-            ready = dict(poller.poll(timeout=max(1, int(flush_s * 1000))))
+            # While commands run, wake often so their results leave within a few ms.
+            wait_ms = COMMAND_POLL_MS if self._inflight else max(1, int(flush_s * 1000))
+            ready = dict(poller.poll(timeout=wait_ms))
             if dealer in ready:
                 self._drain_control(pub, dealer, pending)
-            for event in self.supervisor.drain():
+            if self._inflight:
+                self._drain_results(dealer, pending)
+            for event in self._probe_events():
                 self.graph.apply(event)
                 pending.append(event)
             now = mono_s()
@@ -163,7 +182,7 @@ class Agent:
                 self._notifier.watchdog()
                 self.supervisor.check()
                 self.graph.expire()
-        for event in self.supervisor.drain():
+        for event in self._probe_events():
             self.graph.apply(event)
             pending.append(event)
         self._flush(pub, pending)
@@ -249,7 +268,7 @@ class Agent:
                 self._aggregator_start = message.start_id
         elif isinstance(message, SnapshotReq):
             # Everything applied to the graph must be in batches <= seq: flush first.
-            for event in self.supervisor.drain():
+            for event in self._probe_events():
                 self.graph.apply(event)
                 pending.append(event)
             self._flush(pub, pending)
@@ -258,17 +277,150 @@ class Agent:
                 log.error("snapshot of %s exceeds %d bytes; aggregator view will be partial", self.node, CONTROL_MAX)
             self._send_control(dealer, snapshot)
         elif isinstance(message, Command):
-            self._send_control(dealer, self._command(message))
+            self._on_command(dealer, message)
         elif isinstance(message, ErrorMessage):
             log.warning("aggregator says: %s (%s)", message.message, message.code)
 
-    def _command(self, command: Command) -> Result:
-        if self.command_handler is None:
-            return Result(command.id, self.node, False, {}, f"this agent does not support {command.op!r}")
+    # ---------------------------------------------------------------- commands
+    def _on_command(self, dealer: zmq.Socket[bytes], command: Command) -> None:
+        """Answer at once what needs no execution (a repeat, an expired command); else ack and
+        run it on a worker thread: a zap waits out its grace period, the socket thread must not."""
+        handler = self.command_handler
+        if handler is None:
+            self._send_control(
+                dealer, Result(command.id, self.node, False, {}, f"this agent does not support {command.op!r}")
+            )
+            return
+        if command.id in self._inflight:
+            self._send_control(dealer, Ack(command.id, self.node))  # a repeat while it runs: still running
+            return
+        if isinstance(handler, Actuator):
+            early = handler.precheck(command)
+            if early is not None:
+                self._send_control(dealer, early)
+                return
+        if len(self._inflight) >= MAX_INFLIGHT_COMMANDS:
+            busy = f"{len(self._inflight)} commands already running on {self.node}: try again later"
+            self._send_control(dealer, Result(command.id, self.node, False, {"outcome": "BUSY"}, busy))
+            return
+        self._send_control(dealer, Ack(command.id, self.node))
+        self._inflight[command.id] = command
+        gpu_held = self._gpu_held() if isinstance(handler, Actuator) else {}
+        worker = threading.Thread(
+            target=self._run_command, args=(handler, command, gpu_held), name=f"command-{command.id[:12]}", daemon=True
+        )
+        worker.start()
+
+    def _run_command(self, handler: CommandHandler, command: Command, gpu_held: dict[int, Any]) -> None:
+        """Worker thread: no socket, no graph here; the result goes back through the queue."""
+
+        def on_signal(pids: list[tuple[int, float]]) -> None:
+            self._results.put(("signalling", command, pids))
+
         try:
-            return self.command_handler(command)
+            if isinstance(handler, Actuator):
+                result = handler.execute(command, gpu_held=gpu_held, on_signal=on_signal)
+            else:
+                result = handler(command)
         except XctlError as exc:
-            return Result(command.id, self.node, False, {}, str(exc))
+            result = Result(command.id, self.node, False, {}, str(exc))
+        except Exception as exc:  # a broken handler must still answer
+            log.exception("command %s failed", command.id)
+            result = Result(command.id, self.node, False, {}, f"internal error: {type(exc).__name__}: {exc}")
+        self._results.put(("result", command, result))
+
+    def _drain_results(self, dealer: zmq.Socket[bytes], pending: list[Event]) -> None:
+        """Socket thread: send the results the workers finished; apply their events to the graph.
+
+        Runs before the probes' events are drained, so a process marked "signalling" here is
+        known as zapped before any probe's report of its exit is applied."""
+        while True:
+            try:
+                kind, command, payload = self._results.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "signalling":
+                self._mark_zapped(command, payload, forget_after=float("inf"))
+                continue
+            result: Result = payload
+            self._inflight.pop(command.id, None)
+            self._send_control(dealer, result)
+            handler = self.command_handler
+            if not isinstance(handler, Actuator):
+                continue
+            members = [(r["pid"], r.get("create_time") or 0.0) for r in result.data.get("tree", []) if "pid" in r]
+            self._mark_zapped(command, members, forget_after=mono_s() + ZAPPED_MEMORY_S)
+            for event in handler.events(command, result):
+                known = self._known_ctime(event)
+                if known.type is EventType.PROCESS_STATE and self._already_ended(known):
+                    continue  # a probe's exit for it was already recorded as killed
+                self.graph.apply(known)
+                pending.append(known)
+
+    def _mark_zapped(self, command: Command, members: list[tuple[int, float]], *, forget_after: float) -> None:
+        now = mono_s()
+        for pid, ctime in members:
+            if pid in self._zapped or len(self._zapped) < MAX_ZAPPED:
+                self._zapped[pid] = (ctime, command.requested_by, command.id, forget_after)
+        if len(self._zapped) >= MAX_ZAPPED:
+            for pid in [p for p, v in self._zapped.items() if v[3] < now]:
+                del self._zapped[pid]
+
+    def _probe_events(self) -> list[Event]:
+        """The probes' events; a probe's "exit" of a zapped process becomes "killed" (by whom)."""
+        events = self.supervisor.drain()
+        if not self._zapped:
+            return events
+        out = []
+        for event in events:
+            zapped = self._zapped.get(event.pid) if event.pid is not None else None
+            if zapped is not None and event.type is EventType.PROCESS_STATE and event.value == "exit":
+                ctime, by, command_id, forget_after = zapped
+                seen = event.attrs.get("create_time")
+                same = not isinstance(seen, int | float) or abs(seen - ctime) <= CTIME_TOLERANCE_S
+                if same and mono_s() <= forget_after:
+                    attrs = {**event.attrs, "by": by, "command_id": command_id}
+                    out.append(Event(event.ts, event.type, event.entity, "killed", event.pid, event.job, attrs))
+                    continue
+            out.append(event)
+        return out
+
+    def _already_ended(self, event: Event) -> bool:
+        """Whether the graph already holds ``event``'s process as ended (same create time)."""
+        if event.pid is None or event.pid in self.graph.processes:
+            return False
+        proc = self.graph.find(event.pid)
+        ctime = event.attrs.get("create_time")
+        return (
+            proc is not None
+            and proc.create_time is not None
+            and isinstance(ctime, int | float)
+            and abs(proc.create_time - ctime) <= CTIME_TOLERANCE_S
+        )
+
+    def _gpu_held(self) -> dict[int, Any]:
+        """pid → [(gpu, MiB)] of live processes the local graph sees using a GPU."""
+        out: dict[int, Any] = {}
+        for pid, proc in self.graph.processes.items():
+            held = [(usage.entity, usage.mem_used_mib) for usage in proc.gpus()]
+            if held:
+                out[pid] = held
+        return out
+
+    def _known_ctime(self, event: Event) -> Event:
+        """Use the create time the graph already has for this pid (the same process, within the
+        tolerance), so a ``killed`` event ends that process instead of looking like a new one."""
+        ctime = event.attrs.get("create_time")
+        proc = self.graph.processes.get(event.pid) if event.pid is not None else None
+        if (
+            proc is None
+            or proc.create_time is None
+            or not isinstance(ctime, int | float)
+            or abs(proc.create_time - ctime) > CTIME_TOLERANCE_S
+        ):
+            return event
+        attrs = {**event.attrs, "create_time": proc.create_time}
+        return Event(event.ts, event.type, event.entity, event.value, event.pid, event.job, attrs)
 
 
 def _factory(spec: str, first: Probe) -> Callable[[], Probe]:
