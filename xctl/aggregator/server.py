@@ -3,7 +3,9 @@
 - SUB (events): batches → :class:`~xctl.aggregator.ingest.Ingest` → ClusterGraph.
 - ROUTER (control): hello, heartbeats both ways (ours carry our start id so agents notice a
   restart), snapshot requests and replies, commands.
-- ROUTER (queries): ps, why, nodes, jobs, events, health.
+- ROUTER (queries): ps, why, nodes, jobs, events, health, zap. A handler may answer later:
+  ``zap`` returns :class:`~xctl.aggregator.commands.Deferred` and the REQ envelope is kept
+  until the agent's result (or the deadline) completes it.
 
 Every receiving socket has MAXMSGSIZE and every message is unpacked with limits and
 validated; a malformed one is counted by reason and dropped (with an error message back
@@ -21,6 +23,7 @@ from typing import Any, Final
 
 import zmq
 
+from xctl.aggregator.commands import CommandRouter, Deferred
 from xctl.aggregator.ingest import Ingest
 from xctl.aggregator.queries import HANDLERS, Enricher, Handler, QueryState, handle
 from xctl.core.clock import Clock
@@ -38,6 +41,8 @@ from xctl.wire.framing import (
     split_envelope,
 )
 from xctl.wire.messages import (
+    Ack,
+    Command,
     ErrorMessage,
     Heartbeat,
     Hello,
@@ -54,6 +59,8 @@ log = logging.getLogger(__name__)
 TICK_S: Final = 0.1
 HEARTBEAT_S: Final = 1.0
 MAX_PER_SOCKET_PER_TURN: Final = 500
+#: REQ envelopes kept per deferred reply (a Lazy Pirate client retries with the same id).
+MAX_WAITERS_PER_KEY: Final = 8
 
 
 @dataclass
@@ -66,6 +73,8 @@ class AggregatorConfig:
     #: Prometheus /metrics port (0 disables); 9400 is dcgm-exporter's, so xctl uses 9445.
     metrics_port: int = 0
     metrics_bind: str = "0.0.0.0"
+    #: Append every command and its outcome here (JSON lines); None: no audit log.
+    audit_log: str | None = None
 
 
 @dataclass
@@ -100,7 +109,21 @@ class Aggregator:
         self.batches = 0
         self._context = context
         self._control: zmq.Socket[bytes] | None = None
+        self._query: zmq.Socket[bytes] | None = None
         self._metrics_server: Any = None
+        #: Deferred replies: key → the (REQ envelope, request id) waiting for it.
+        self._waiting: dict[str, list[tuple[list[bytes], str]]] = {}
+        self.commands = CommandRouter(
+            self.cluster,
+            self._route_command,
+            self._complete,
+            clock=clock,
+            audit_log=config.audit_log,
+            connected=lambda node: node in self.peers,
+        )
+        self.handlers.setdefault("zap", self.commands.op_zap)
+        #: Zap commands by result, for /metrics (xctl_zap_results_total).
+        self.zap_results = self.commands.results
 
     def request_stop(self) -> None:
         self.stop_event.set()
@@ -119,6 +142,7 @@ class Aggregator:
             query = query_router(ctx, eps.query, setup=setup)
             sockets.append(query)
             self._control = control
+            self._query = query
             if self.config.metrics_port:
                 self._start_metrics()
             log.info(
@@ -136,6 +160,7 @@ class Aggregator:
             if self._metrics_server is not None:
                 self._metrics_server.shutdown()
             self._control = None
+            self._query = None
             if self._context is None:
                 ctx.term()
             log.info("aggregator stopped")
@@ -158,6 +183,7 @@ class Aggregator:
             if now - last_tick >= TICK_S:
                 last_tick = now
                 self.ingest.pump()
+                self.commands.tick()
             if now - last_beat >= HEARTBEAT_S:
                 last_beat = now
                 self._heartbeat_agents()
@@ -199,7 +225,7 @@ class Aggregator:
             self._send(sock, routing_id, ErrorMessage.from_exception(exc))
             return
         node = getattr(message, "node", None)
-        if isinstance(message, Hello | Heartbeat | Snapshot | Result) and node:
+        if isinstance(message, Hello | Heartbeat | Snapshot | Ack | Result) and node:
             if not self._identity_ok(routing_id, message.node or ""):
                 self.drops.count("control_identity_mismatch")
                 self._send(sock, routing_id, ErrorMessage("NOT_AUTHORISED", "routing id does not match node"))
@@ -214,6 +240,8 @@ class Aggregator:
                 self.drops.count("bad_event", message.rejected.count)
         elif isinstance(message, Result):
             self.on_result(message)
+        elif isinstance(message, Ack):
+            self.commands.on_ack(message)
         else:
             self.drops.count("control_unexpected")
 
@@ -261,8 +289,33 @@ class Aggregator:
         return True
 
     def on_result(self, result: Result) -> None:
-        """Command results (zap); the command router overrides this."""
+        """Command results (zap), for the command router."""
         log.info("result %s from %s: ok=%s", result.id, result.node, result.ok)
+        self.commands.on_result(result)
+
+    def _route_command(self, node: str, command: Command) -> str | None:
+        """Send ``command`` to ``node``'s agent; None when sent, else why not.
+
+        The peer was recorded from its hello/heartbeat after :meth:`_identity_ok`; with CURVE
+        that check becomes the authenticated User-Id (DESIGN §6) and needs no change here.
+        """
+        peer = self.peers.get(node)
+        if peer is None or self._control is None:
+            return f"node {node} is not connected to this aggregator"
+        if not self._identity_ok(peer.routing_id, node):
+            return f"node {node}: its control connection does not prove its identity"
+        if not self._send(self._control, peer.routing_id, command):
+            self.peers.pop(node, None)
+            return f"node {node} is not connected to this aggregator (its control connection is gone)"
+        return None
+
+    def _complete(self, key: str, data: Any) -> None:
+        """Reply to every query waiting on ``key`` (a deferred answer is ready)."""
+        waiting = self._waiting.pop(key, [])
+        if self._query is None:
+            return
+        for envelope, request_id in waiting:
+            self._reply(self._query, envelope, ok_reply(request_id, data))
 
     # ---------------------------------------------------------------- queries
     def _on_query_frames(self, sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
@@ -279,6 +332,11 @@ class Aggregator:
             return
         try:
             data = handle(self.queries, request.op, request.args, self.handlers)
+            if isinstance(data, Deferred):
+                waiting = self._waiting.setdefault(data.key, [])
+                waiting.append((envelope, request.id))
+                del waiting[: -MAX_WAITERS_PER_KEY]  # a retrying client: the newest REQs matter
+                return
             reply = ok_reply(request.id, data)
         except XctlError as exc:
             reply = error_reply(request.id, exc)
@@ -307,4 +365,5 @@ class Aggregator:
             "visibility_lag": self.ingest.lag_percentiles(),
             "syncing": self.ingest.syncing(),
             "dropped": {**self.drops.as_dict(), **self.ingest.drops.as_dict()},
+            "commands": dict(self.commands.counts),
         }
