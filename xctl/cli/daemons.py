@@ -14,6 +14,7 @@ from typing import Any, Final
 import click
 from click.core import ParameterSource
 
+from xctl.agent.actuator import Actuator, NvmlGpuPids
 from xctl.agent.daemon import Agent, AgentConfig
 from xctl.aggregator.metrics import DEFAULT_METRICS_PORT
 from xctl.aggregator.server import Aggregator, AggregatorConfig
@@ -103,6 +104,21 @@ probe_option = click.option(
     help="probe to run (repeatable): procfs, nvml, kmsg, network, storage, exec:CMD, "
     "replay:FILE, sim[:k=v,...]; default: the node probes that work here",
 )
+audit_option = click.option(
+    "--audit-log",
+    "audit_log",
+    default=None,
+    metavar="PATH",
+    envvar="XCTL_AUDIT_LOG",
+    help="append every zap command and its outcome to PATH as JSON lines (env XCTL_AUDIT_LOG; default: none)",
+)
+
+
+def make_actuator(node: str, audit_log: str | None) -> Actuator:
+    """The agent's zap executor; NVML (for the GPU-memory check) is opened on first use only."""
+    return Actuator(node, audit_log=audit_log, gpu_pids=NvmlGpuPids())
+
+
 liveness_options = [
     click.option("--suspect-after", type=float, default=3.0, show_default=True, help="seconds of silence → suspect"),
     click.option("--dead-after", type=float, default=30.0, show_default=True, help="seconds of silence → dead"),
@@ -129,10 +145,17 @@ def _with(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
     show_default=True,
     help="serve Prometheus /metrics on 127.0.0.1:M (0: off; the aggregator's usual port is 9445)",
 )
+@audit_option
 @_with(liveness_options)
 @guarded
 def run(
-    node: str | None, probes: tuple[str, ...], port: int, metrics_port: int, suspect_after: float, dead_after: float
+    node: str | None,
+    probes: tuple[str, ...],
+    port: int,
+    metrics_port: int,
+    audit_log: str | None,
+    suspect_after: float,
+    dead_after: float,
 ) -> None:
     """Everything on this machine in one process: aggregator + agent (loopback)."""
     name = node or default_node_name()
@@ -144,9 +167,13 @@ def run(
             liveness=_liveness(suspect_after, dead_after),
             metrics_port=metrics_port,
             metrics_bind="127.0.0.1",
+            audit_log=audit_log,
         )
     )
-    agent = Agent(AgentConfig(node=name, aggregator_host="127.0.0.1", port=port, probes=specs, systemd_notify=True))
+    agent = Agent(
+        AgentConfig(node=name, aggregator_host="127.0.0.1", port=port, probes=specs, systemd_notify=True),
+        command_handler=make_actuator(name, audit_log),
+    )
     con = render.console(stderr=True)
     con.print(f"xctl run: node {name}, probes {', '.join(specs) or 'none'}; aggregator on 127.0.0.1:{port}")
     con.print(f"  try: xctl ps    xctl nodes    xctl why {name}:<pid>    (Ctrl-C stops)")
@@ -173,6 +200,7 @@ def run(
     help="serve this agent's Prometheus /metrics on port M (0: off; the usual port is 9446)",
 )
 @click.option("--metrics-bind", default="0.0.0.0", show_default=True, help="address for --metrics-port")
+@audit_option
 @guarded
 def agent(
     aggregator_addr: str | None,
@@ -181,6 +209,7 @@ def agent(
     batch_max: int,
     metrics_port: int,
     metrics_bind: str,
+    audit_log: str | None,
 ) -> None:
     """The node agent: run probes and publish events to the aggregator."""
     host, port = parse_address(str(config.resolve("aggregator", aggregator_addr, config.DEFAULT_AGGREGATOR)))
@@ -196,7 +225,8 @@ def agent(
             metrics_port=metrics_port,
             metrics_bind=metrics_bind,
             systemd_notify=True,
-        )
+        ),
+        command_handler=make_actuator(name, audit_log),
     )
     render.console(stderr=True).print(f"xctl agent {name}: probes {', '.join(specs) or 'none'} → {host}:{port}")
     _serve([("agent", daemon.run, daemon.request_stop)])
@@ -213,10 +243,17 @@ def agent(
     help="Prometheus /metrics port (0: off; 9400 is dcgm-exporter's)",
 )
 @click.option("--metrics-bind", default=None, metavar="ADDR", help="address for /metrics (default: --bind)")
+@audit_option
 @_with(liveness_options)
 @guarded
 def aggregator(
-    bind: str, port: int, metrics_port: int, metrics_bind: str | None, suspect_after: float, dead_after: float
+    bind: str,
+    port: int,
+    metrics_port: int,
+    metrics_bind: str | None,
+    audit_log: str | None,
+    suspect_after: float,
+    dead_after: float,
 ) -> None:
     """The head-node aggregator: cluster graph, queries, command routing, /metrics."""
     mbind = metrics_bind or bind
@@ -231,6 +268,7 @@ def aggregator(
             liveness=_liveness(suspect_after, dead_after),
             metrics_port=metrics_port,
             metrics_bind=mbind,
+            audit_log=audit_log,
         )
     )
     served = f"; /metrics on {mbind}:{metrics_port}" if metrics_port else ""

@@ -18,6 +18,7 @@ from xctl import __version__
 from xctl.cli import daemons, render
 from xctl.cli.common import client_options, guarded, make_client, query
 from xctl.cli.diag import diag
+from xctl.cli.zap import zap
 from xctl.core.errors import UsageError, XctlError
 from xctl.core.targets import parse_target
 from xctl.probes._spec import parse_duration
@@ -161,6 +162,7 @@ def _print_events(items: list[dict[str, Any]], output: str) -> None:
 for _command in daemons.COMMANDS:
     main.add_command(_command)
 main.add_command(diag)
+main.add_command(zap)
 
 
 if __name__ == "__main__":  # pragma: no cover
