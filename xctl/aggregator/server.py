@@ -15,6 +15,7 @@ to control and query peers, so they are told instead of left waiting).
 from __future__ import annotations
 
 import logging
+import resource
 import threading
 import uuid
 from collections.abc import Mapping
@@ -130,6 +131,7 @@ class Aggregator:
 
     # ---------------------------------------------------------------- run
     def run(self) -> None:
+        _raise_fd_limit()
         ctx = self._context or zmq.Context()
         eps = endpoints(self.config.bind, self.config.port)
         setup = self.config.socket_setup
@@ -367,3 +369,13 @@ class Aggregator:
             "dropped": {**self.drops.as_dict(), **self.ingest.drops.as_dict()},
             "commands": dict(self.commands.counts),
         }
+
+
+def _raise_fd_limit() -> None:
+    """Every agent holds two TCP connections: 1,000 agents need more than the usual 1,024 fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
