@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from types import FrameType
 from typing import Any, Final
 
@@ -17,12 +18,14 @@ from click.core import ParameterSource
 from xctl.agent.actuator import Actuator, NvmlGpuPids
 from xctl.agent.daemon import Agent, AgentConfig
 from xctl.aggregator.metrics import DEFAULT_METRICS_PORT
+from xctl.aggregator.queries import Enricher
 from xctl.aggregator.server import Aggregator, AggregatorConfig
 from xctl.cli import config, render
 from xctl.cli.common import guarded
 from xctl.core.cluster import LivenessConfig
 from xctl.core.errors import ProbeError, UsageError, XctlError
 from xctl.probes.registry import make_probe
+from xctl.rules import Engine, load_rules
 from xctl.wire.client import QueryClient
 from xctl.wire.sockets import DEFAULT_PORT, endpoints, parse_address
 
@@ -96,6 +99,25 @@ def _liveness(suspect: float, dead: float) -> LivenessConfig:
     return LivenessConfig(int(suspect * 1000), int(dead * 1000))
 
 
+rules_option = click.option(
+    "--rules",
+    "rules_dirs",
+    multiple=True,
+    type=click.Path(exists=True, path_type=Path),
+    metavar="DIR",
+    help="site rules directory or file (repeatable; overrides built-in rules with the same id)",
+)
+
+
+def load_enricher(rules_dirs: tuple[Path, ...]) -> Enricher:
+    """The rules engine for `why`: built-ins plus site rules; broken files are reported and skipped."""
+    ruleset = load_rules(list(rules_dirs))
+    con = render.console(stderr=True)
+    for error in ruleset.errors:
+        con.print(f"xctl: rules: {error} (skipped)", markup=False, style="yellow")
+    return Engine(ruleset).enrich
+
+
 probe_option = click.option(
     "--probe",
     "probes",
@@ -146,6 +168,7 @@ def _with(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
     help="serve Prometheus /metrics on 127.0.0.1:M (0: off; the aggregator's usual port is 9445)",
 )
 @audit_option
+@rules_option
 @_with(liveness_options)
 @guarded
 def run(
@@ -154,6 +177,7 @@ def run(
     port: int,
     metrics_port: int,
     audit_log: str | None,
+    rules_dirs: tuple[Path, ...],
     suspect_after: float,
     dead_after: float,
 ) -> None:
@@ -168,7 +192,8 @@ def run(
             metrics_port=metrics_port,
             metrics_bind="127.0.0.1",
             audit_log=audit_log,
-        )
+        ),
+        enrich=load_enricher(rules_dirs),
     )
     agent = Agent(
         AgentConfig(node=name, aggregator_host="127.0.0.1", port=port, probes=specs, systemd_notify=True),
@@ -244,6 +269,7 @@ def agent(
 )
 @click.option("--metrics-bind", default=None, metavar="ADDR", help="address for /metrics (default: --bind)")
 @audit_option
+@rules_option
 @_with(liveness_options)
 @guarded
 def aggregator(
@@ -252,6 +278,7 @@ def aggregator(
     metrics_port: int,
     metrics_bind: str | None,
     audit_log: str | None,
+    rules_dirs: tuple[Path, ...],
     suspect_after: float,
     dead_after: float,
 ) -> None:
@@ -269,7 +296,8 @@ def aggregator(
             metrics_port=metrics_port,
             metrics_bind=mbind,
             audit_log=audit_log,
-        )
+        ),
+        enrich=load_enricher(rules_dirs),
     )
     served = f"; /metrics on {mbind}:{metrics_port}" if metrics_port else ""
     render.console(stderr=True).print(f"xctl aggregator listening on {bind}:{port}-{port + 2}{served}")
@@ -326,7 +354,7 @@ def demo(output: str, timeout: float) -> None:
     `why` on a rank of node1 names it."""
     con = render.console(stderr=True)
     port = free_port_base()
-    agg = Aggregator(AggregatorConfig(bind="127.0.0.1", port=port))
+    agg = Aggregator(AggregatorConfig(bind="127.0.0.1", port=port), enrich=load_enricher(()))
     agents = []
     for i in range(DEMO_NODES):
         node = f"node{i + 1}"

@@ -18,6 +18,7 @@ from xctl import __version__
 from xctl.cli import daemons, render
 from xctl.cli.common import client_options, guarded, make_client, query
 from xctl.cli.diag import diag
+from xctl.cli.rules import rules_group
 from xctl.cli.zap import zap
 from xctl.core.errors import UsageError, XctlError
 from xctl.core.targets import parse_target
@@ -163,6 +164,7 @@ for _command in daemons.COMMANDS:
     main.add_command(_command)
 main.add_command(diag)
 main.add_command(zap)
+main.add_command(rules_group)
 
 
 if __name__ == "__main__":  # pragma: no cover

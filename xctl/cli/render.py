@@ -187,3 +187,10 @@ def render_why(con: Console, data: Mapping[str, Any]) -> None:
         con.print("not blamed:")
         for s in symptoms[:8]:
             con.print(f"  {s['code']} on {s['node']}/{s['entity']}: {s['reason']}", markup=False, style="dim")
+
+
+def render_rules(con: Console, items: Sequence[Mapping[str, Any]]) -> None:
+    table = _table(["ID", "SCENE", "SEVERITY", "ACTION", "SOURCE"])
+    for row in items:
+        table.add_row(row["id"], row["scene"], row["severity"], row["action"], str(row["source"]))
+    con.print(table)
