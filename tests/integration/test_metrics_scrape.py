@@ -45,7 +45,10 @@ def test_aggregator_and_agents_serve_metrics_over_http(cluster: Cluster) -> None
         up = {lab["Hostname"]: v for lab, v in pick(s, "xctl_agent_up", state="alive")}
         xid = pick(s, "xctl_active_errors", Hostname="node2", code="XID_79", entity="gpu-1")
         blocked = pick(s, "xctl_processes_blocked", Hostname="node2")
-        return s if up == {"node1": 1.0, "node2": 1.0} and xid and blocked and blocked[0][1] >= 1 else None
+        # Probe states arrive with the agents' first heartbeats (hello only names the probes).
+        probes = [pick(s, "xctl_agent_probe_up", Hostname=n, probe="sim", state="running") for n in ("node1", "node2")]
+        ready = up == {"node1": 1.0, "node2": 1.0} and xid and blocked and blocked[0][1] >= 1 and all(probes)
+        return s if ready else None
 
     series = wait_for(story, timeout=30, what="both nodes alive and node2's XID 79 blocking a rank", interval=0.2)
     assert pick(series, "xctl_active_errors", Hostname="node2", code="XID_79")[0][0]["kind"] == "hardware"
