@@ -268,8 +268,11 @@ def test_query_duration_histogram_is_cumulative_per_op(fed: Aggregator) -> None:
 
 
 def test_zap_and_diag_counters_only_when_the_aggregator_keeps_them(fed: Aggregator) -> None:
-    types, _ = scrape(make_registry(fed))
-    assert "xctl_zap_results" not in types and "xctl_diag_runs" not in types
+    types, samples = scrape(make_registry(fed))
+    assert "xctl_diag_runs" not in types
+    # The command router keeps zap results from the start: an empty family until a zap ends.
+    assert types["xctl_zap_results"] == "counter"
+    assert series(samples, "xctl_zap_results_total") == {}
     fed.zap_results = {"ok": 2, "timeout": 1}  # type: ignore[attr-defined]
     fed.diag_runs = {"rules": 4, "llm": 1}  # type: ignore[attr-defined]
     types, samples = scrape(make_registry(fed))
