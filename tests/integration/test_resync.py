@@ -82,10 +82,16 @@ for pid in range(pids):
 while not os.path.exists(trigger):
     time.sleep(0.05)
 out = sys.stdout
-for i in range(total):
-    line = '{"type":"compute.util","entity":"gpu-0","pid":%d,"job":"job-load","value":"%d"}\n'
-    out.write(line % (1000 + i % pids, i))
-out.flush()
+line = '{"type":"compute.util","entity":"gpu-0","pid":%d,"job":"job-load","value":"%d"}\n'
+# Paced (~15,000 events/s) so the agent keeps up and loses nothing itself: the loss must
+# happen on the way to the stopped aggregator.
+chunk, start = 150, time.monotonic()
+for first in range(0, total, chunk):
+    out.write("".join(line % (1000 + i % pids, i) for i in range(first, min(total, first + chunk))))
+    out.flush()
+    delay = start + (first + chunk) / 15000 - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
 open(done, "w").close()
 while True:
     time.sleep(1)
@@ -95,7 +101,7 @@ while True:
 def test_seq_gap_from_a_stopped_aggregator_is_repaired_by_resync(cluster: Cluster, tmp_path: Path) -> None:
     script, trigger, done = tmp_path / "load.py", tmp_path / "go", tmp_path / "done"
     script.write_text(LOAD_SCRIPT)
-    total, pids = 200_000, 100
+    total, pids = 180_000, 100
     agg = cluster.aggregator()
     cluster.agent("loader", f"exec:{sys.executable} {script} {trigger} {done} {total} {pids}", "--batch-max", "5")
     wait_for(lambda: len(cluster.query("ps", node="loader")["items"]) == pids and
@@ -104,8 +110,8 @@ def test_seq_gap_from_a_stopped_aggregator_is_repaired_by_resync(cluster: Cluste
     agg.proc.send_signal(signal.SIGSTOP)
     try:
         trigger.touch()
-        # PUB drops silently at its high-water mark: 40,000 small batches while the aggregator
-        # is stopped are far more than its queue and the kernel's socket buffers hold.
+        # PUB drops silently at its high-water mark: ~36,000 small batches (~16 MB) while the
+        # aggregator is stopped are far more than its queue and the kernel's socket buffers hold.
         wait_for(done.exists, timeout=60, what="the load generator to finish")
     finally:
         agg.proc.send_signal(signal.SIGCONT)

@@ -110,6 +110,8 @@ class Agent:
         self._context = context
         self._aggregator_start: str | None = None
         self._last_control_rx = 0.0
+        self._control_generation = 0
+        self._control_endpoint = ""
         self._notifier = Notifier() if config.systemd_notify else Notifier({})
         names: dict[str, int] = {}
         for spec in config.probes:
@@ -129,8 +131,8 @@ class Agent:
         ctx = self._context or zmq.Context()
         eps = endpoints(self.config.aggregator_host, self.config.port)
         pub = events_pub(ctx, eps.events, setup=self.config.socket_setup)
-        identity = f"{self.node}/{self.epoch}".encode()[:255]
-        dealer = control_dealer(ctx, eps.control, identity, setup=self.config.socket_setup)
+        self._control_endpoint = eps.control
+        dealer = self._control_socket(ctx)
         log.info("agent %s (epoch %s) publishing to %s", self.node, self.epoch, eps.events)
         metrics: Any = None
         try:
@@ -142,7 +144,7 @@ class Agent:
             self.supervisor.start()
             self.ready.set()
             self._notifier.ready()
-            self._loop(pub, dealer)
+            dealer = self._loop(ctx, pub, dealer)
         finally:
             self._notifier.stopping()
             self._notifier.close()
@@ -155,7 +157,16 @@ class Agent:
                 ctx.term()
             log.info("agent %s stopped", self.node)
 
-    def _loop(self, pub: zmq.Socket[bytes], dealer: zmq.Socket[bytes]) -> None:
+    def _control_socket(self, ctx: zmq.Context[Any]) -> zmq.Socket[bytes]:
+        """A DEALER with a fresh routing id ``node/epoch/N`` (the aggregator routes by node)."""
+        self._control_generation += 1
+        identity = f"{self.node}/{self.epoch}/{self._control_generation}".encode()[:255]
+        return control_dealer(ctx, self._control_endpoint, identity, setup=self.config.socket_setup)
+
+    def _loop(
+        self, ctx: zmq.Context[Any], pub: zmq.Socket[bytes], dealer: zmq.Socket[bytes]
+    ) -> zmq.Socket[bytes]:
+        """Run until stopped; returns the control socket in use then (it may be replaced)."""
         poller = zmq.Poller()
         poller.register(dealer, zmq.POLLIN)
         pending: list[Event] = []
@@ -178,7 +189,14 @@ class Agent:
                 last_flush = now
             if now - last_beat >= self.config.heartbeat_s:
                 last_beat = now
-                self._heartbeat(pub, dealer, idle=now - last_flush >= self.config.heartbeat_s)
+                if self._heartbeat(pub, dealer, idle=now - last_flush >= self.config.heartbeat_s):
+                    # The aggregator went quiet (restarted, or a link that died without a FIN):
+                    # a new connection under a new routing id can't collide with a stale one.
+                    poller.unregister(dealer)
+                    dealer.close(linger=0)
+                    dealer = self._control_socket(ctx)
+                    poller.register(dealer, zmq.POLLIN)
+                    self._send_control(dealer, self._hello())
                 self._notifier.watchdog()
                 self.supervisor.check()
                 self.graph.expire()
@@ -186,6 +204,7 @@ class Agent:
             self.graph.apply(event)
             pending.append(event)
         self._flush(pub, pending)
+        return dealer
 
     # ---------------------------------------------------------------- events
     def _flush(self, pub: zmq.Socket[bytes], pending: list[Event]) -> None:
@@ -215,7 +234,8 @@ class Agent:
         except zmq.Again:
             self.drops.count("pub_hwm")
 
-    def _heartbeat(self, pub: zmq.Socket[bytes], dealer: zmq.Socket[bytes], *, idle: bool) -> None:
+    def _heartbeat(self, pub: zmq.Socket[bytes], dealer: zmq.Socket[bytes], *, idle: bool) -> bool:
+        """Send heartbeats; True when the control connection should be replaced."""
         if idle:
             try:
                 pub.send_multipart(batch_frames(EventBatch(self.node, self.epoch, self.seq, self.clock())), zmq.NOBLOCK)
@@ -225,9 +245,10 @@ class Agent:
             dealer, Heartbeat(ts=self.clock(), node=self.node, epoch=self.epoch, seq=self.seq, probes=self._probes())
         )
         if self._last_control_rx and mono_s() - self._last_control_rx > AGGREGATOR_SILENT_S:
-            # The aggregator went quiet: say hello again so a restarted one learns about us.
-            self._last_control_rx = 0.0
-            self._send_control(dealer, self._hello())
+            log.info("aggregator silent for %.0f s: reconnecting the control channel", AGGREGATOR_SILENT_S)
+            self._last_control_rx = mono_s()  # at most one reconnect per silence period
+            return True
+        return False
 
     # ---------------------------------------------------------------- control
     def _hello(self) -> Hello:

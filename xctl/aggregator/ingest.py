@@ -82,6 +82,7 @@ class Ingest:
             return
         if batch.is_heartbeat:
             if batch.seq > stream.seq:
+                self.drops.count("seq_gap")  # the batches before this heartbeat were lost
                 self._resync(stream, f"heartbeat says seq {batch.seq}, last applied {stream.seq}", None)
             return
         if batch.seq <= stream.seq:
