@@ -23,6 +23,7 @@ from xctl import __version__
 from xctl.agent.actuator import CTIME_TOLERANCE_S, Actuator
 from xctl.agent.sdnotify import Notifier
 from xctl.agent.supervisor import Supervisor
+from xctl.agent.wiring import GpuView, link
 from xctl.core.clock import Clock
 from xctl.core.errors import ProtocolError, XctlError
 from xctl.core.events import Event, EventType
@@ -113,6 +114,7 @@ class Agent:
         self._control_generation = 0
         self._control_endpoint = ""
         self._notifier = Notifier() if config.systemd_notify else Notifier({})
+        self.gpus = GpuView()
         names: dict[str, int] = {}
         for spec in config.probes:
             probe = make_probe(spec)  # fail fast on a bad SPEC, before any thread starts
@@ -120,7 +122,7 @@ class Agent:
             names[name] = names.get(name, 0) + 1
             if names[name] > 1:
                 name = f"{name}#{names[name]}"
-            self.supervisor.add(name, _factory(spec, probe))
+            self.supervisor.add(name, _factory(spec, link(probe, self.gpus), self.gpus))
 
     # ---------------------------------------------------------------- lifecycle
     def request_stop(self) -> None:
@@ -444,14 +446,14 @@ class Agent:
         return Event(event.ts, event.type, event.entity, event.value, event.pid, event.job, attrs)
 
 
-def _factory(spec: str, first: Probe) -> Callable[[], Probe]:
-    """The first instance is the validated one; restarts get fresh instances."""
+def _factory(spec: str, first: Probe, gpus: GpuView) -> Callable[[], Probe]:
+    """The first instance is the validated one; restarts get fresh, linked instances."""
     handed: list[bool] = []
 
     def make() -> Probe:
         if not handed:
             handed.append(True)
             return first
-        return make_probe(spec)
+        return link(make_probe(spec), gpus)
 
     return make

@@ -131,6 +131,10 @@ class KmsgProbe:
         self._problem: str | None = None
         self._poller: select.poll | None = None
 
+    def use_gpu_index(self, lookup: GpuIndex) -> None:
+        """Map PCI addresses to gpu-N with ``lookup`` (NVML) first, then the sysfs fallback."""
+        self.interpreter.gpu_index = chain_gpu_index(lookup, self.sysfs_index)
+
     @classmethod
     def from_spec(cls, arg: str | None) -> KmsgProbe:
         args = spec_args(arg, ("path", "sys", "replay"), "kmsg")
