@@ -127,6 +127,7 @@ class Agent:
     # ---------------------------------------------------------------- lifecycle
     def request_stop(self) -> None:
         self.stop_event.set()
+        self.supervisor.wake()
 
     def run(self) -> None:
         """Run until :meth:`request_stop`. Creates its sockets in this thread (after any fork)."""
@@ -153,6 +154,7 @@ class Agent:
             if metrics is not None:
                 metrics.shutdown()
             self.supervisor.stop()
+            self.supervisor.close()
             pub.close()
             dealer.close()
             if self._context is None:
@@ -171,13 +173,24 @@ class Agent:
         """Run until stopped; returns the control socket in use then (it may be replaced)."""
         poller = zmq.Poller()
         poller.register(dealer, zmq.POLLIN)
+        wake = self.supervisor.wake_fd
+        poller.register(wake, zmq.POLLIN)
         pending: list[Event] = []
         flush_s = self.config.flush_ms / 1000
         last_flush = last_beat = mono_s()
         while not self.stop_event.is_set():
-            # While commands run, wake often so their results leave within a few ms.
-            wait_ms = COMMAND_POLL_MS if self._inflight else max(1, int(flush_s * 1000))
+            # Sleep until a probe has events, a control message comes, the pending batch is
+            # due (≤ 50 ms) or the next heartbeat; running commands need a quick result poll.
+            now = mono_s()
+            due = last_beat + self.config.heartbeat_s
+            if pending:
+                due = min(due, last_flush + flush_s)
+            wait_ms = max(1, int((due - now) * 1000))
+            if self._inflight:
+                wait_ms = min(wait_ms, COMMAND_POLL_MS)
             ready = dict(poller.poll(timeout=wait_ms))
+            if wake in ready:
+                self.supervisor.clear_wake()
             if dealer in ready:
                 self._drain_control(pub, dealer, pending)
             if self._inflight:

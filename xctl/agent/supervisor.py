@@ -10,7 +10,9 @@ event when full and counts it: a flood from one probe never blocks the others or
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -65,6 +67,9 @@ class Supervisor:
         self.dropped = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        # The consumer sleeps in poll() on this pipe: a probe writes one byte when it puts an
+        # event into an empty queue, so an idle agent wakes only when there is work.
+        self.wake_fd, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # ---------------------------------------------------------------- setup
     def add(self, name: str, factory: Callable[[], Probe]) -> ProbeSlot:
@@ -96,10 +101,33 @@ class Supervisor:
         if generation != slot.generation:
             return  # an abandoned (hung) instance woke up: ignore it
         slot.last_beat = time.monotonic()
-        if len(self._queue) >= self._queue_max:
+        queue = self._queue
+        if len(queue) >= self._queue_max:
             with self._lock:
                 self.dropped += 1
-        self._queue.append(event)
+        was_empty = not queue
+        queue.append(event)
+        if was_empty:
+            self.wake()
+
+    def wake(self) -> None:
+        """Wake the consumer's poll() (a probe event, a failure, or a stop request)."""
+        # A full pipe means the consumer is already awake; a closed one that we are stopping.
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"\x00")
+
+    def clear_wake(self) -> None:
+        """Called by the consumer when poll() reported the wake fd readable."""
+        try:
+            while os.read(self.wake_fd, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        for fd in (self.wake_fd, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def drain(self, limit: int = 5_000) -> list[Event]:
         out: list[Event] = []
@@ -174,6 +202,7 @@ class Supervisor:
         slot.backoff_s = min(slot.backoff_s * 2, BACKOFF_MAX_S)
         attrs = {"detail": detail[:500]}
         self._queue.append(Event(self.clock(), EventType.ERROR_HW, f"probe:{slot.name}", code, None, None, attrs))
+        self.wake()
 
     def check(self) -> None:
         """Called by the agent loop about once a second: hung detection and restarts."""

@@ -1,0 +1,194 @@
+"""The probe supervisor: threads, bounded queue, crash/hang recovery (issue 3)."""
+
+from __future__ import annotations
+
+import select
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from xctl.agent import supervisor as sup
+from xctl.agent.supervisor import Supervisor
+from xctl.core.events import Event, EventType
+from xctl.probes.base import ProbeContext
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+class Steady:
+    """Emits one event every ``period`` seconds until stopped."""
+
+    name = "steady"
+    heartbeat_s: float | None = 5.0
+
+    def __init__(self, period: float = 0.01) -> None:
+        self.period = period
+
+    def describe(self) -> str:
+        return "steady test probe"
+
+    def run(self, ctx: ProbeContext) -> None:
+        i = 0
+        while not ctx.stop.wait(self.period):
+            ctx.emit(Event(ctx.clock(), EventType.COMPUTE_UTIL, "gpu-0", str(i % 100)))
+            i += 1
+
+
+class Crasher:
+    name = "crasher"
+    heartbeat_s: float | None = None
+    runs = 0
+
+    def describe(self) -> str:
+        return "crashes at once"
+
+    def run(self, ctx: ProbeContext) -> None:
+        Crasher.runs += 1
+        raise RuntimeError("boom")
+
+
+class Hanger:
+    """Never emits, never beats, ignores stop: a probe stuck in a syscall."""
+
+    name = "hanger"
+    heartbeat_s: float | None = 0.2
+    release = threading.Event()
+
+    def describe(self) -> str:
+        return "hangs"
+
+    def run(self, ctx: ProbeContext) -> None:
+        Hanger.release.wait(30)
+
+
+class Flood:
+    name = "flood"
+    heartbeat_s: float | None = None
+
+    def describe(self) -> str:
+        return "floods"
+
+    def run(self, ctx: ProbeContext) -> None:
+        for i in range(1000):
+            ctx.emit(Event(i, EventType.COMPUTE_UTIL, "gpu-0", str(i)))
+        ctx.stop.wait(30)
+
+
+def drained(s: Supervisor) -> list[Event]:
+    out: list[Event] = []
+    while True:
+        batch = s.drain()
+        if not batch:
+            return out
+        out.extend(batch)
+
+
+def test_several_probes_run_at_once_and_their_events_arrive() -> None:
+    s = Supervisor("n", now_ms)
+    s.add("a", Steady)
+    s.add("b", Steady)
+    s.start()
+    try:
+        events: list[Event] = []
+
+        def collected() -> bool:
+            events.extend(s.drain())
+            return len(events) >= 20
+
+        wait_for(collected)
+        assert {slot.state for slot in s.slots} == {"running"}
+        assert {slot.thread.name for slot in s.slots if slot.thread} == {"probe-a", "probe-b"}
+    finally:
+        s.stop()
+        s.close()
+
+
+def test_a_crashing_probe_is_recorded_and_restarted_with_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sup, "BACKOFF_START_S", 0.05)
+    Crasher.runs = 0
+    s = Supervisor("n", now_ms)
+    slot = s.add("crasher", Crasher)
+    s.start()
+    try:
+        def restarted_twice() -> bool:
+            s.check()
+            return Crasher.runs >= 3
+
+        wait_for(restarted_twice)
+        events = drained(s)
+        crashed = [e for e in events if e.entity == "probe:crasher"]
+        assert crashed
+        assert all(e.type is EventType.ERROR_HW and e.value == "PROBE_CRASHED" for e in crashed)
+        assert "boom" in str(crashed[0].attrs["detail"])
+        assert slot.crashes >= 2
+        assert slot.backoff_s > 0.05  # grows with every crash
+    finally:
+        s.stop()
+        s.close()
+
+
+def test_a_hung_probe_is_reported_and_replaced_while_the_others_go_on() -> None:
+    Hanger.release.clear()
+    s = Supervisor("n", now_ms)
+    hung = s.add("hanger", Hanger)
+    s.add("steady", Steady)
+    s.start()
+    try:
+        def reported() -> bool:
+            s.check()
+            return hung.hangs >= 1
+
+        wait_for(reported)
+        events = drained(s)
+        assert any(e.entity == "probe:hanger" and e.value == "PROBE_HUNG" for e in events)
+        assert any(e.entity == "gpu-0" for e in events), "the healthy probe kept emitting"
+        assert hung.state in ("hung", "running")
+    finally:
+        Hanger.release.set()
+        s.stop()
+        s.close()
+
+
+def test_the_queue_is_bounded_drops_the_oldest_and_counts() -> None:
+    s = Supervisor("n", now_ms, queue_max=100)
+    s.add("flood", Flood)
+    s.start()
+    try:
+        wait_for(lambda: s.dropped >= 900)
+        events = drained(s)
+        assert len(events) == 100
+        assert [int(e.value) for e in events] == list(range(900, 1000)), "the newest are kept"
+    finally:
+        s.stop()
+        s.close()
+
+
+def test_an_event_into_an_empty_queue_wakes_the_consumer() -> None:
+    s = Supervisor("n", now_ms)
+    s.add("steady", lambda: Steady(period=0.2))
+    try:
+        readable, _, _ = select.select([s.wake_fd], [], [], 0)
+        assert not readable
+        s.start()
+        readable, _, _ = select.select([s.wake_fd], [], [], 2.0)
+        assert readable
+        s.clear_wake()
+        assert s.drain()
+    finally:
+        s.stop()
+        s.close()
