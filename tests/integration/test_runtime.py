@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import XCTL, Cluster, wait_for
 
 from xctl.cli.daemons import free_port_base
@@ -131,3 +132,38 @@ def test_demo_runs_to_completion_and_names_a_root_cause_on_another_node() -> Non
     assert data["why"]["target"]["node"] == "node1"
     assert (root["node"], root["entity"], root["code"]) == ("node3", "gpu-3", "XID_79")
     assert len(data["ps"]["items"]) == 32
+
+
+def test_an_explicit_probe_that_cannot_run_here_is_a_usage_error() -> None:
+    import subprocess
+
+    result = subprocess.run([*XCTL, "agent", "--node", "x", "--probe", "kmsg:path=/nonexistent/kmsg"],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 2
+    assert "--probe kmsg:path=/nonexistent/kmsg" in result.stderr
+    assert "not readable" in result.stderr
+
+
+def test_default_probes_that_cannot_run_are_shown_disabled_with_the_reason(cluster: Cluster) -> None:
+    from xctl.core.errors import ProbeError
+    from xctl.probes.registry import make_probe
+
+    probe = make_probe("nvml")
+    try:
+        probe.open()  # type: ignore[attr-defined]
+    except ProbeError:
+        pass
+    else:
+        probe.close()  # type: ignore[attr-defined]
+        pytest.skip("NVML works on this machine: the nvml probe is not disabled here")
+    cluster.aggregator()
+    cluster.agent("plain")  # no --probe: the defaults
+
+    def nvml_state() -> dict | None:
+        items = cluster.query("nodes")["items"]
+        probes = {p["name"]: p for p in items[0]["probes"]} if items else {}
+        return probes.get("nvml") if probes.get("procfs", {}).get("state") == "running" else None
+
+    nvml = wait_for(nvml_state, timeout=15, what="the agent's probe states")
+    assert nvml["state"] == "disabled"
+    assert "NVML" in nvml["detail"]

@@ -70,6 +70,8 @@ class AgentConfig:
     aggregator_host: str = "127.0.0.1"
     port: int = 7400
     probes: list[str] = field(default_factory=list)
+    #: Probes that cannot run here (name → why), reported as disabled by `xctl nodes`.
+    disabled_probes: dict[str, str] = field(default_factory=dict)
     flush_ms: int = FLUSH_MS
     flush_max: int = FLUSH_MAX
     heartbeat_s: float = HEARTBEAT_S
@@ -115,6 +117,8 @@ class Agent:
         self._control_endpoint = ""
         self._notifier = Notifier() if config.systemd_notify else Notifier({})
         self.gpus = GpuView()
+        for name, reason in config.disabled_probes.items():
+            self.supervisor.add_disabled(name, reason)
         names: dict[str, int] = {}
         for spec in config.probes:
             probe = make_probe(spec)  # fail fast on a bad SPEC, before any thread starts

@@ -40,19 +40,44 @@ def default_node_name() -> str:
     return str(config.resolve("node", None, socket.gethostname().split(".")[0] or "localhost"))
 
 
-def usable_probes(specs: Iterable[str], *, explicit: bool) -> list[str]:
-    """Explicit probes must all work (usage error otherwise); defaults that can't run are skipped."""
-    out = []
+def usable_probes(specs: Iterable[str], *, explicit: bool) -> tuple[list[str], dict[str, str]]:
+    """Probes that can run here, and the defaults that cannot (name → reason).
+
+    Each probe is built and, where it has one, opened once (NVML initialised, /dev/kmsg
+    opened), so a GPU-less or unprivileged machine says so up front instead of crash-looping.
+    An explicit --probe that cannot run is a usage error; a default one is reported as
+    disabled (``xctl nodes`` shows the reason).
+    """
+    usable: list[str] = []
+    disabled: dict[str, str] = {}
     for spec in specs:
         try:
-            make_probe(spec)
+            _preflight(spec)
         except ProbeError as exc:
             if explicit:
                 raise UsageError(f"--probe {spec}: {exc}") from exc
             log.info("default probe %s not used here: %s", spec, exc)
+            disabled[spec.partition(":")[0]] = str(exc)
             continue
-        out.append(spec)
-    return out
+        usable.append(spec)
+    return usable, disabled
+
+
+def _say_disabled(con: Any, disabled: dict[str, str]) -> None:
+    for name, reason in disabled.items():
+        con.print(f"  {name}: off here ({reason})", markup=False, style="dim")
+
+
+def _preflight(spec: str) -> None:
+    probe: Any = make_probe(spec)
+    opener = getattr(probe, "open", None)
+    if opener is None:
+        return
+    try:
+        if opener() is False:
+            raise ProbeError(probe.describe())
+    finally:
+        probe.close()
 
 
 def _serve(workers: list[tuple[str, Callable[[], None], Callable[[], None]]]) -> None:
@@ -183,7 +208,7 @@ def run(
 ) -> None:
     """Everything on this machine in one process: aggregator + agent (loopback)."""
     name = node or default_node_name()
-    specs = usable_probes(probes or DEFAULT_PROBES, explicit=bool(probes))
+    specs, disabled = usable_probes(probes or DEFAULT_PROBES, explicit=bool(probes))
     aggregator = Aggregator(
         AggregatorConfig(
             bind="127.0.0.1",
@@ -196,11 +221,19 @@ def run(
         enrich=load_enricher(rules_dirs),
     )
     agent = Agent(
-        AgentConfig(node=name, aggregator_host="127.0.0.1", port=port, probes=specs, systemd_notify=True),
+        AgentConfig(
+            node=name,
+            aggregator_host="127.0.0.1",
+            port=port,
+            probes=specs,
+            disabled_probes=disabled,
+            systemd_notify=True,
+        ),
         command_handler=make_actuator(name, audit_log),
     )
     con = render.console(stderr=True)
     con.print(f"xctl run: node {name}, probes {', '.join(specs) or 'none'}; aggregator on 127.0.0.1:{port}")
+    _say_disabled(con, disabled)
     con.print(f"  try: xctl ps    xctl nodes    xctl why {name}:<pid>    (Ctrl-C stops)")
     _serve([("aggregator", aggregator.run, aggregator.request_stop), ("agent", agent.run, agent.request_stop)])
 
@@ -239,13 +272,14 @@ def agent(
     """The node agent: run probes and publish events to the aggregator."""
     host, port = parse_address(str(config.resolve("aggregator", aggregator_addr, config.DEFAULT_AGGREGATOR)))
     name = node or default_node_name()
-    specs = usable_probes(probes or DEFAULT_PROBES, explicit=bool(probes))
+    specs, disabled = usable_probes(probes or DEFAULT_PROBES, explicit=bool(probes))
     daemon = Agent(
         AgentConfig(
             node=name,
             aggregator_host=host,
             port=port,
             probes=specs,
+            disabled_probes=disabled,
             flush_max=batch_max,
             metrics_port=metrics_port,
             metrics_bind=metrics_bind,
@@ -253,7 +287,9 @@ def agent(
         ),
         command_handler=make_actuator(name, audit_log),
     )
-    render.console(stderr=True).print(f"xctl agent {name}: probes {', '.join(specs) or 'none'} → {host}:{port}")
+    con = render.console(stderr=True)
+    con.print(f"xctl agent {name}: probes {', '.join(specs) or 'none'} → {host}:{port}")
+    _say_disabled(con, disabled)
     _serve([("agent", daemon.run, daemon.request_stop)])
 
 
