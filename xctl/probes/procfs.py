@@ -32,7 +32,7 @@ import os
 import posixpath
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
@@ -476,7 +476,7 @@ class ProcfsProbe:
         self._argv = argv_cache
         argvs = {key: argv for key, (_, argv) in argv_cache.items()}
 
-        selected = self._select(stats, argvs)
+        selected = self._select(stats, argvs, unchanged=skipped.keys() if not recheck else ())
         self._skipped = {pid: st for pid, st in stats.items() if pid not in selected}
         events: list[Event] = []
         current: set[tuple[int, int]] = set()
@@ -517,10 +517,20 @@ class ProcfsProbe:
             events.append(self._state_event(now_ms, tracked, "exit", extra))
         return events
 
-    def _select(self, stats: Mapping[int, ProcStat], argv: Mapping[tuple[int, int], list[str]]) -> set[int]:
+    def _select(
+        self,
+        stats: Mapping[int, ProcStat],
+        argv: Mapping[tuple[int, int], list[str]],
+        *,
+        unchanged: Collection[int] = (),
+    ) -> set[int]:
+        """GPU process trees + watched names + what is already tracked. ``unchanged`` pids
+        did not match last time and were not re-read: they are not matched again."""
         ppids = {pid: st.ppid for pid, st in stats.items()}
         selected = process_tree(self.gpu_pids() & stats.keys(), ppids)
         for pid, st in stats.items():
+            if pid in unchanged:
+                continue
             args = argv.get((pid, st.starttime), [])
             # Kernel threads (kthreadd is pid 2 and their parent) have no argv; in a PID
             # namespace pid 2 is an ordinary process, so the pid alone does not tell.
