@@ -1034,3 +1034,29 @@ def test_a_rebuilt_graph_behaves_like_the_original_afterwards() -> None:
     t.g.expire()
     again.expire()
     assert again.digest() == t.g.digest()
+
+
+# ====================================================================== XID from two channels
+def test_the_same_xid_from_nvml_and_the_kernel_log_counts_once_and_keeps_the_pid() -> None:
+    t = G()
+    t.start(449, ctime=1_732_349_000.0)
+    nvml = Event(T0, HW, "gpu-0", "XID_31", None, None, {"source": "nvml", "xid": 31})
+    raw = "NVRM: Xid (PCI:0000:00:06): 31, pid=449, name=python3, channel 0x0000000a"
+    kmsg = Event(T0 + 800, HW, "gpu-0", "XID_31", 449, None, {"xid": 31, "raw": raw})
+    t.g.apply(nvml)
+    t.g.apply(kmsg)
+    [err] = [e for e in t.g.active_errors() if e.code == "XID_31"]
+    assert err.count == 1
+    assert err.first.pid == 449
+    assert err.first.ts == T0
+    assert err.first.attrs["raw"] == raw
+    assert [e.code for e in t.g.errors_of(449)] == ["XID_31"]
+    assert t.g.history["gpu-0"]["XID_31"].count == 1
+
+
+def test_the_same_xid_twice_from_one_channel_counts_twice() -> None:
+    t = G()
+    for ts in (T0, T0 + 1_000):
+        t.g.apply(Event(ts, HW, "gpu-0", "XID_31", None, None, {"source": "nvml"}))
+    [err] = [e for e in t.g.active_errors() if e.code == "XID_31"]
+    assert err.count == 2

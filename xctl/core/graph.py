@@ -32,6 +32,8 @@ _COUNT, _FIRST, _AGE, _HIST, _JOBS = "_count", "_first", "_age", "_hist", "_jobs
 _WAIT, _TARGET, _CTIME, _DEAD, _RESET, _TYPE = "_wait", "_target", "_ctime", "_dead", "_reset", "_type"
 _PROCESS_ATTRS: Final = ("name", "cmdline", "create_time", "ppid", "rank", "local_rank", "world_size", "exit_code")
 _MAX_JOBS_PER_CODE: Final = 8
+#: NVML's XID event and the kernel log line of the same fault arrive this close together.
+_SAME_XID_MS: Final = 5_000
 #: Clocks of the kernel log and of /proc create times disagree by this much at most.
 _CREATE_SLACK_MS: Final = 1_000
 _METRIC_TYPES: Final = frozenset(
@@ -507,6 +509,12 @@ class NodeGraph:
             err = ErrorVertex(event.entity, code, event.type, first, event, recv, recv, count, info.condition)
             self._add_error(err)
         else:
+            if _other_channel(err.last, event):
+                # The same XID through NVML's event API and the kernel log: one fault, counted
+                # once; the kernel line (it names the pid and carries the raw text) is kept.
+                count = 0
+                if event.attrs.get("source") != "nvml" and err.first.attrs.get("source") == "nvml":
+                    err.first = event._replace(ts=min(err.first.ts, event.ts))
             err.count += count
             err.last = event
             err.touch = max(err.touch, recv)
@@ -518,7 +526,7 @@ class NodeGraph:
             self.errors_by_pid.setdefault(proc.pid, set()).add(key)
             if code == "NCCL_TIMEOUT" or (event.type is EventType.ERROR_NET and event.entity == proc.job):
                 self._wait(proc, f"job:{event.job or proc.job or event.entity}", code, event)
-        if _COUNT not in event.attrs:
+        if _COUNT not in event.attrs and count:
             # (a snapshot's error events do not count again: its history events restore the counts)
             self._record_history(event, count)
 
@@ -848,6 +856,14 @@ def _wait_events(proc: Process, *, dead: bool) -> Iterator[Event]:
         attrs = {**ev.attrs, **base, _WAIT: wait.reason, _TARGET: wait.target, _TYPE: ev.type.value}
         yield Event(ev.ts, EventType.PROCESS_STATE, ev.entity, ev.value, proc.pid, ev.job, attrs)
         base.pop(_RESET, None)
+
+
+def _other_channel(seen: Event, new: Event) -> bool:
+    """``new`` reports the XID ``seen`` already reported, through the other channel (NVML's
+    event API vs the kernel log), within a few seconds."""
+    if not new.value.startswith("XID_") or abs(new.ts - seen.ts) > _SAME_XID_MS:
+        return False
+    return (new.attrs.get("source") == "nvml") != (seen.attrs.get("source") == "nvml")
 
 
 def _create_time(event: Event) -> float | None:
