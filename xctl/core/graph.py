@@ -426,20 +426,23 @@ class NodeGraph:
 
     # metrics --------------------------------------------------------------------
     def _apply_metric(self, event: Event, now: int) -> None:
+        # The ingest hot path: one call per sample, so lookups are kept to the minimum.
         res = self._resource(event.entity, now)
-        previous = res.metrics.get(event.type)
-        if previous is not None and event.ts > previous.ts:
-            # A moving estimate of the sample interval, for staleness.
-            res.interval_ms = min(max((res.interval_ms * 3 + (event.ts - previous.ts)) // 4, 100), 600_000)
         res.last_recv = now
         if event.pid is None:
+            previous = res.metrics.get(event.type)
+            if previous is not None and event.ts > previous.ts:
+                # A moving estimate of the sample interval, for staleness.
+                res.interval_ms = min(max((res.interval_ms * 3 + (event.ts - previous.ts)) // 4, 100), 600_000)
             res.metrics[event.type] = event
             return
-        proc = self._process_for(event)
+        proc = self.processes.get(event.pid)
+        if proc is None or (event.job and proc.job is None):
+            proc = self._process_for(event)
         usage = proc.consumes.get(event.entity)
         if usage is None:
             usage = proc.consumes[event.entity] = Usage(event.entity)
-        if proc.alive:
+        if proc.ended_recv is None:
             res.consumers.add(proc.pid)
         etype = event.type
         if etype is EventType.COMPUTE_MEM:
