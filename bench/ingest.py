@@ -110,11 +110,23 @@ def rate_generator(names: list[str], port: int, duration: float, out: str) -> No
     ctx: zmq.Context[Any] = zmq.Context()
     ctx.setsockopt(zmq.MAX_SOCKETS, 8192) if hasattr(zmq, "MAX_SOCKETS") else None
     nodes = [VirtualNode(ctx, n, "127.0.0.1", port, f"job-{i // 4}", (i % 4) * GPUS) for i, n in enumerate(names)]
+    poller = zmq.Poller()
+    by_socket = {}
+    for node in nodes:
+        poller.register(node.dealer, zmq.POLLIN)
+        by_socket[node.dealer] = node
     start = time.monotonic()
     k, sent = 0, 0
     while time.monotonic() - start < duration:
         tick_start = time.monotonic()
-        for node in nodes:
+        # Independent agents sample at their own phase within the second, not all at once.
+        for idx, node in enumerate(nodes):
+            slot = tick_start + idx / len(nodes)
+            wait = slot - time.monotonic()
+            if wait > 0:
+                # Like a real agent, answer control (snapshot requests) as soon as it arrives.
+                for sock, _ in poller.poll(int(wait * 1000)):
+                    by_socket[sock].control(int(time.time() * 1000), beat=False)
             now = int(time.time() * 1000)
             sent += node.tick(now, k)
             node.control(now, beat=True)  # control heartbeat every second, as an agent does
