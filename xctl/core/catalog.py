@@ -39,35 +39,58 @@ class CodeInfo:
     condition: bool = False
     #: Only degrades performance (verdict "degraded" rather than "blocked").
     degrading: bool = False
+    #: Only informs (corrected errors, a remap recorded): explains nothing while any other
+    #: anomaly does — it is blamed only when it is all there is. Implies ``degrading``.
+    informational: bool = False
     #: Codes on the same GPU whose presence makes this one a consequence of them.
     follows: frozenset[str] = frozenset()
 
 
 _ECC_FATAL: Final = frozenset({"XID_48", "ECC_DBE", "XID_94", "XID_95"})
 
+#: NVIDIA's XID catalogue for Ampere and newer, as `why` needs it: class (kind), severity, and
+#: whether the XID stops work, only slows it (``degrading``) or only informs (``informational``:
+#: the catalogue's IGNORE, blamed only when nothing else explains the target). Immediate and
+#: investigatory actions are in xctl/rules/builtin/*.yaml. Source: "Analyzing Xid Errors with
+#: the Xid Catalog", https://docs.nvidia.com/deploy/xid-errors/analyzing-xid-catalog.html
 _XIDS: Final[dict[int, CodeInfo]] = {
+    # catalogue: RESTART_APP / CONTACT_SUPPORT; channel idle timeout — driver-side, class unconfirmed
+    8: CodeInfo(Kind.FIRMWARE, 60, "GPU stopped processing (XID 8): a channel timed out"),
     13: CodeInfo(Kind.APPLICATION, 50, "graphics engine exception (XID 13): usually an application bug"),
     31: CodeInfo(Kind.APPLICATION, 50, "GPU memory page fault (XID 31): usually an illegal address in the app"),
-    32: CodeInfo(Kind.HARDWARE, 60, "invalid or corrupted push buffer stream (XID 32)"),
+    32: CodeInfo(Kind.HARDWARE, 60, "invalid or corrupted push buffer stream (XID 32): often PCIe quality"),
     38: CodeInfo(Kind.FIRMWARE, 60, "driver firmware error (XID 38)"),
     43: CodeInfo(Kind.APPLICATION, 50, "GPU stopped processing (XID 43): the app hit a fault"),
     45: CodeInfo(Kind.APPLICATION, 5, "preemptive cleanup (XID 45): follows another error", sympathetic=True),
     48: CodeInfo(Kind.HARDWARE, 90, "double-bit ECC error (XID 48)", condition=True),
     61: CodeInfo(Kind.FIRMWARE, 80, "internal micro-controller breakpoint/warning (XID 61)"),
     62: CodeInfo(Kind.FIRMWARE, 85, "internal micro-controller halt (XID 62)", condition=True),
-    63: CodeInfo(Kind.HARDWARE, 60, "ECC page retirement or row remapping recorded (XID 63)", follows=_ECC_FATAL),
+    # catalogue: IGNORE / IGNORE — a remap recorded, applied at the next reset; blocks nothing
+    63: CodeInfo(
+        Kind.HARDWARE,
+        30,
+        "ECC page retirement or row remapping recorded (XID 63)",
+        degrading=True,
+        informational=True,
+        follows=_ECC_FATAL,
+    ),
     64: CodeInfo(Kind.HARDWARE, 90, "row remapping failure (XID 64)", condition=True),
     68: CodeInfo(Kind.HARDWARE, 60, "video processor exception (XID 68)"),
     69: CodeInfo(Kind.HARDWARE, 60, "graphics engine class error (XID 69)"),
     74: CodeInfo(Kind.INTERCONNECT, 70, "NVLink error (XID 74)"),
     79: CodeInfo(Kind.HARDWARE, 100, "GPU has fallen off the bus (XID 79)", condition=True),
-    92: CodeInfo(Kind.HARDWARE, 40, "high single-bit ECC error rate (XID 92)"),
+    # catalogue: IGNORE / CONTACT_SUPPORT — corrected errors: informational
+    92: CodeInfo(Kind.HARDWARE, 10, "high single-bit ECC error rate (XID 92)", degrading=True, informational=True),
     94: CodeInfo(Kind.HARDWARE, 70, "contained ECC error (XID 94)"),
     95: CodeInfo(Kind.HARDWARE, 90, "uncontained ECC error (XID 95)", condition=True),
     109: CodeInfo(Kind.APPLICATION, 50, "context switch timeout (XID 109)"),
+    # catalogue: RESET_GPU / INVESTIGATE_SW; "uncommon unless there is a hardware failure"
+    110: CodeInfo(Kind.HARDWARE, 85, "security fault (XID 110): needs a cold reset", condition=True),
     119: CodeInfo(Kind.FIRMWARE, 85, "GSP RPC timeout (XID 119)", condition=True),
     120: CodeInfo(Kind.FIRMWARE, 85, "GSP error (XID 120)", condition=True),
     140: CodeInfo(Kind.HARDWARE, 85, "unrecovered ECC error (XID 140)", condition=True),
+    # catalogue: RESET_GPU / CONTACT_SUPPORT; the GPU is unusable until it initialises
+    143: CodeInfo(Kind.HARDWARE, 85, "GPU initialization error (XID 143)", condition=True),
     154: CodeInfo(Kind.HARDWARE, 80, "GPU recovery action required (XID 154)", condition=True),
 }
 
@@ -87,7 +110,7 @@ _CODES: Final[dict[str, CodeInfo]] = {
     "NVME_MEDIA_ERRORS": CodeInfo(Kind.STORAGE, 70, "NVMe media errors"),
     "NVME_TIMEOUT": CodeInfo(Kind.STORAGE, 60, "NVMe I/O timeout"),
     "NVME_RESET": CodeInfo(Kind.STORAGE, 70, "NVMe controller reset"),
-    "PCIE_AER_CORRECTED": CodeInfo(Kind.HARDWARE, 10, "PCIe corrected error (AER)", degrading=True),
+    "PCIE_AER_CORRECTED": CodeInfo(Kind.HARDWARE, 10, "PCIe corrected error (AER)", degrading=True, informational=True),
     "PCIE_AER_UNCORRECTED": CodeInfo(Kind.HARDWARE, 75, "PCIe uncorrected error (AER)"),
     "LINK_DOWN": CodeInfo(Kind.NETWORK, 80, "network link down", condition=True),
     "LINK_FLAP": CodeInfo(Kind.NETWORK, 65, "network link flapped"),

@@ -5,9 +5,10 @@ name it, errors on what it consumes or waits on, its own state). When it belongs
 the job's other ranks on every node are examined the same way, together with the liveness
 of their nodes. Among the candidate anomalies ("findings") the earliest hard fault wins,
 severity breaking ties; degradations (thermal, power caps, a slow link) win only when no
-hard fault explains the job. Sympathetic signals — XID 45, XID 63 after an ECC error, XID 74
-on the healthy end of a broken link, NCCL timeouts, stalled transports on victim ranks, an
-OOM-killed victim — are reported as symptoms and never blamed.
+hard fault explains the job, and informational signals (corrected errors: XID 92, a remap
+recorded, a corrected PCIe error) only when nothing else does. Sympathetic signals — XID 45,
+XID 63 after an ECC error, XID 74 on the healthy end of a broken link, NCCL timeouts, stalled
+transports on victim ranks, an OOM-killed victim — are reported as symptoms and never blamed.
 """
 
 from __future__ import annotations
@@ -65,10 +66,13 @@ class Finding:
     pid: int | None = None
     rank: int | None = None
     via_wait: bool = False
+    #: Only informs (a corrected error): ranks after every fault and every degradation.
+    informational: bool = False
 
     @property
     def order(self) -> tuple[int, int, int, str, str]:
-        return (1 if self.degrading else 0, self.first_ts, -self.severity, self.node, self.entity)
+        tier = 2 if self.informational else 1 if self.degrading else 0
+        return (tier, self.first_ts, -self.severity, self.node, self.entity)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -318,6 +322,7 @@ def _error_finding(
             info.degrading,
             pid=proc.pid if proc is not None and proc.pid in err.pids else None,
             rank=proc.rank if proc is not None else None,
+            informational=info.informational,
         )
     )
 
@@ -612,6 +617,7 @@ def _with_steps(f: Finding, steps: tuple[Step, ...]) -> Finding:
         f.pid,
         f.rank,
         f.via_wait,
+        f.informational,
     )
 
 
