@@ -762,6 +762,9 @@ class Actuator:
                 "node": self.node,
                 "command_id": command.id,
                 "op": command.op,
+                # The aggregator's authenticated requester (CURVE), and the CLI's unverified claim.
+                "user": command.args.get("user"),
+                "user_role": command.args.get("user_role"),
                 "requested_by": command.requested_by,
                 "target": command.target,
                 "args": command.args,
@@ -788,7 +791,7 @@ class Actuator:
         for row in data.get("tree", []):
             if row.get("outcome") not in (TERMINATED, KILLED):
                 continue
-            attrs: dict[str, AttrValue] = {"name": str(row.get("name") or "proc"), "by": command.requested_by}
+            attrs: dict[str, AttrValue] = {"name": str(row.get("name") or "proc"), "by": requester(command)}
             for key in ("create_time", "ppid"):
                 if isinstance(row.get(key), int | float):
                     attrs[key] = row[key]
@@ -796,7 +799,7 @@ class Actuator:
             entity = str(row.get("name") or "proc")
             out.append(Event(ts, EventType.PROCESS_STATE, entity, "killed", row["pid"], None, attrs))
         action: dict[str, AttrValue] = {
-            "by": command.requested_by,
+            "by": requester(command),
             "result": str(data.get("outcome", "OK" if result.ok else "FAILED")),
             "command_id": command.id,
             "ok": result.ok,
@@ -808,6 +811,12 @@ class Actuator:
             action["signal"] = str(data["signal"])
         out.append(Event(ts, EventType.ACTION_EXEC, name, "ZAP", pid if isinstance(pid, int) else None, None, action))
         return out
+
+
+def requester(command: Command) -> str:
+    """Who asked: the authenticated user the aggregator vouches for (CURVE), else the CLI's claim."""
+    user = command.args.get("user")
+    return user if isinstance(user, str) and user else command.requested_by
 
 
 def _zap_args(command: Command) -> tuple[int, float, signal.Signals, float]:

@@ -4,13 +4,22 @@ One thread (the one that calls :meth:`Agent.run`) owns both sockets and the loca
 probes run in their own threads and hand events over through the supervisor's bounded
 queue. Batches are flushed every ≤ 50 ms or ≤ 1000 events; an empty batch carrying the
 last seq goes out every second as a heartbeat, so the aggregator notices a lost final batch.
+
+With ``keys`` (:mod:`xctl.wire.curve`) both sockets are CURVE clients that check the
+aggregator's server key. A socket monitor on each tells a refused handshake (our key not
+listed, a wrong server.key, CURVE on one side only) from a silent aggregator: it is logged
+as such, and since libzmq does not retry a connection refused by the aggregator's ZAP
+handler, the agent reconnects that socket itself (2 s, backing off to 30 s), so adding the
+key and reloading the aggregator lets it in without restarting the agent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
+import secrets
 import threading
 import uuid
 from collections.abc import Callable
@@ -18,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from xctl import __version__
-from xctl.agent.actuator import CTIME_TOLERANCE_S, Actuator
+from xctl.agent.actuator import CTIME_TOLERANCE_S, Actuator, requester
 from xctl.agent.sdnotify import Notifier
 from xctl.agent.supervisor import Supervisor
 from xctl.agent.wiring import GpuView, link
@@ -32,6 +42,7 @@ from xctl.probes.base import Probe
 from xctl.probes.registry import make_probe
 from xctl.sysclock import mono_s, wall_ms
 from xctl.wire.codec import CONTROL_MAX, EVENTS_MAX, DropCounter, pack
+from xctl.wire.curve import HANDSHAKE_EVENTS, ClientKeys, chain, client_setup, handshake_failure, load_client_keys
 from xctl.wire.framing import batch_frames, control_frames, read_control
 from xctl.wire.messages import (
     Ack,
@@ -44,7 +55,7 @@ from xctl.wire.messages import (
     Snapshot,
     SnapshotReq,
 )
-from xctl.wire.sockets import SocketSetup, control_dealer, endpoints, events_pub
+from xctl.wire.sockets import Socket, SocketSetup, control_dealer, endpoints, events_pub
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +71,9 @@ COMMAND_POLL_MS: Final = 5
 #: (a probe notices an exit up to one sample interval late), and how many pids are remembered.
 ZAPPED_MEMORY_S: Final = 60.0
 MAX_ZAPPED: Final = 8192
+#: Reconnecting a socket whose handshake the aggregator refused: first wait, longest wait.
+REFUSED_RETRY_S: Final = 2.0
+REFUSED_RETRY_MAX_S: Final = 30.0
 
 CommandHandler = Callable[[Command], Result]
 
@@ -82,6 +96,9 @@ class AgentConfig:
     metrics_bind: str = "0.0.0.0"
     #: Tell systemd READY=1 / WATCHDOG=1 / STOPPING=1 over $NOTIFY_SOCKET (the CLI daemons do).
     systemd_notify: bool = False
+    #: CURVE keys: a directory with this node's key pair and the aggregator's server.key (or
+    #: the NAME.key_secret file itself); None, or a directory with no key files: plaintext.
+    keys: str | None = None
 
 
 class Agent:
@@ -115,6 +132,20 @@ class Agent:
         self._last_control_rx = 0.0
         self._control_generation = 0
         self._control_endpoint = ""
+        self._events_endpoint = ""
+        #: Secret part of our routing ids: nobody else can guess one to take it over.
+        self._routing_token = secrets.token_hex(12)
+        self.client_keys: ClientKeys | None = load_client_keys(config.keys, node=config.node) if config.keys else None
+        if config.keys and self.client_keys is None:
+            log.warning("--keys %s holds no key files: connecting to the aggregator in plaintext", config.keys)
+        self._setup = chain(client_setup(self.client_keys) if self.client_keys else None, config.socket_setup)
+        #: Socket monitors ("events", "control") and when a refused socket is reconnected.
+        self._monitors: dict[str, Socket] = {}
+        self._retry_at: dict[str, float] = {}
+        self._retry_wait: dict[str, float] = {}
+        self._refusal_logged: dict[str, float] = {}
+        #: Control messages received (before any check), for the fuzz accounting in /metrics.
+        self.control_received = 0
         self._notifier = Notifier() if config.systemd_notify else Notifier({})
         self.gpus = GpuView()
         for name, reason in config.disabled_probes.items():
@@ -137,7 +168,8 @@ class Agent:
         """Run until :meth:`request_stop`. Creates its sockets in this thread (after any fork)."""
         ctx = self._context or zmq.Context()
         eps = endpoints(self.config.aggregator_host, self.config.port)
-        pub = events_pub(ctx, eps.events, setup=self.config.socket_setup)
+        self._events_endpoint = eps.events
+        pub = events_pub(ctx, eps.events, setup=self._watched("events"))
         self._control_endpoint = eps.control
         dealer = self._control_socket(ctx)
         log.info("agent %s (epoch %s) publishing to %s", self.node, self.epoch, eps.events)
@@ -161,15 +193,78 @@ class Agent:
             self.supervisor.close()
             pub.close()
             dealer.close()
+            for monitor in self._monitors.values():
+                monitor.close(linger=0)
+            self._monitors.clear()
             if self._context is None:
                 ctx.term()
             log.info("agent %s stopped", self.node)
 
     def _control_socket(self, ctx: zmq.Context[Any]) -> zmq.Socket[bytes]:
-        """A DEALER with a fresh routing id ``node/epoch/N`` (the aggregator routes by node)."""
+        """A DEALER with a fresh routing id ``node/epoch/N/TOKEN`` (the aggregator routes by
+        node; the secret token keeps anyone else from presenting a routing id of ours)."""
         self._control_generation += 1
-        identity = f"{self.node}/{self.epoch}/{self._control_generation}".encode()[:255]
-        return control_dealer(ctx, self._control_endpoint, identity, setup=self.config.socket_setup)
+        identity = f"{self.node}/{self.epoch}/{self._control_generation}/{self._routing_token}".encode()[:255]
+        old = self._monitors.pop("control", None)
+        if old is not None:
+            old.close(linger=0)
+        return control_dealer(ctx, self._control_endpoint, identity, setup=self._watched("control"))
+
+    def _watched(self, name: str) -> SocketSetup:
+        """The socket setup: CURVE keys, then a handshake monitor (before connect: none missed)."""
+
+        def setup(sock: Socket) -> None:
+            if self._setup is not None:
+                self._setup(sock)
+            self._monitors[name] = sock.get_monitor_socket(HANDSHAKE_EVENTS | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+
+        return setup
+
+    def _on_monitor(self, name: str, monitor: Socket) -> None:
+        """Handshake outcomes of socket ``name``: log a refusal clearly and schedule a retry."""
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind, value = int(event["event"]), int(event["value"])
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._retry_wait.pop(name, None)
+                continue
+            why = handshake_failure(kind, value, curve=self.client_keys is not None)
+            if why is None:
+                continue
+            self.drops.count("handshake_refused")
+            now = mono_s()
+            if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                continue  # libzmq retries these itself
+            wait = min(self._retry_wait.get(name, REFUSED_RETRY_S / 2) * 2, REFUSED_RETRY_MAX_S)
+            self._retry_wait[name] = wait
+            self._retry_at.setdefault(name, now + wait)
+            last = self._refusal_logged.get(name)
+            if last is None or now - last >= REFUSED_RETRY_MAX_S:
+                self._refusal_logged[name] = now
+                keys = self.client_keys
+                key = f" (key {keys.path}, public {keys.public_key})" if keys is not None else ""
+                log.error(
+                    "%s connection of node %s: %s%s; retrying in %.0f s", name, self.node, why, key, wait
+                )
+
+    def _retry_refused(self, pub: Socket) -> bool:
+        """Reconnect the events socket if it is due; True when the control socket is due."""
+        now = mono_s()
+        due = self._retry_at.get("events")
+        if due is not None and now >= due:
+            del self._retry_at["events"]
+            with contextlib.suppress(zmq.ZMQError):
+                pub.disconnect(self._events_endpoint)
+            with contextlib.suppress(zmq.ZMQError):
+                pub.connect(self._events_endpoint)
+        due = self._retry_at.get("control")
+        if due is not None and now >= due:
+            del self._retry_at["control"]
+            return True
+        return False
 
     def _loop(
         self, ctx: zmq.Context[Any], pub: zmq.Socket[bytes], dealer: zmq.Socket[bytes]
@@ -177,6 +272,9 @@ class Agent:
         """Run until stopped; returns the control socket in use then (it may be replaced)."""
         poller = zmq.Poller()
         poller.register(dealer, zmq.POLLIN)
+        watched = dict(self._monitors)
+        for monitor in watched.values():
+            poller.register(monitor, zmq.POLLIN)
         wake = self.supervisor.wake_fd
         poller.register(wake, zmq.POLLIN)
         pending: list[Event] = []
@@ -195,6 +293,9 @@ class Agent:
             ready = dict(poller.poll(timeout=wait_ms))
             if wake in ready:
                 self.supervisor.clear_wake()
+            for name, monitor in watched.items():
+                if monitor in ready:
+                    self._on_monitor(name, monitor)
             if dealer in ready:
                 self._drain_control(pub, dealer, pending)
             if self._inflight:
@@ -208,13 +309,19 @@ class Agent:
                 last_flush = now
             if now - last_beat >= self.config.heartbeat_s:
                 last_beat = now
-                if self._heartbeat(pub, dealer, idle=now - last_flush >= self.config.heartbeat_s):
-                    # The aggregator went quiet (restarted, or a link that died without a FIN):
-                    # a new connection under a new routing id can't collide with a stale one.
+                silent = self._heartbeat(pub, dealer, idle=now - last_flush >= self.config.heartbeat_s)
+                if self._retry_refused(pub) or silent:
+                    # The aggregator went quiet (restarted, or a link that died without a FIN),
+                    # or refused our handshake: a new connection under a new routing id.
                     poller.unregister(dealer)
+                    old_monitor = watched.pop("control", None)
+                    if old_monitor is not None:
+                        poller.unregister(old_monitor)
                     dealer.close(linger=0)
                     dealer = self._control_socket(ctx)
                     poller.register(dealer, zmq.POLLIN)
+                    watched["control"] = self._monitors["control"]
+                    poller.register(watched["control"], zmq.POLLIN)
                     self._send_control(dealer, self._hello())
                 self._notifier.watchdog()
                 self.supervisor.check()
@@ -289,6 +396,7 @@ class Agent:
             except zmq.Again:
                 return
             self._last_control_rx = mono_s()
+            self.control_received += 1
             try:
                 message = read_control(frames[-1])
             except ProtocolError as exc:
@@ -319,7 +427,11 @@ class Agent:
         elif isinstance(message, Command):
             self._on_command(dealer, message)
         elif isinstance(message, ErrorMessage):
-            log.warning("aggregator says: %s (%s)", message.message, message.code)
+            now = mono_s()
+            last = self._refusal_logged.get("error_message")
+            if last is None or now - last >= 10.0:  # a flood of them must not flood the log
+                self._refusal_logged["error_message"] = now
+                log.warning("aggregator says: %s (%s)", message.message[:500], message.code[:40])
 
     # ---------------------------------------------------------------- commands
     def _on_command(self, dealer: zmq.Socket[bytes], command: Command) -> None:
@@ -401,7 +513,7 @@ class Agent:
         now = mono_s()
         for pid, ctime in members:
             if pid in self._zapped or len(self._zapped) < MAX_ZAPPED:
-                self._zapped[pid] = (ctime, command.requested_by, command.id, forget_after)
+                self._zapped[pid] = (ctime, requester(command), command.id, forget_after)
         if len(self._zapped) >= MAX_ZAPPED:
             for pid in [p for p, v in self._zapped.items() if v[3] < now]:
                 del self._zapped[pid]

@@ -93,15 +93,20 @@ class AgentCollector(Collector):
         queue_len.add_metric([node], sup.pending())
         sent = CounterMetricFamily("xctl_agent_events_sent", "Events published to the aggregator.", labels=[NODE])
         sent.add_metric([node], agent.sent_events)
+        control = CounterMetricFamily(
+            "xctl_agent_control_received", "Control messages received from the aggregator (before any check).",
+            labels=[NODE],
+        )
+        control.add_metric([node], getattr(agent, "control_received", 0))
         dropped = CounterMetricFamily(
             "xctl_agent_dropped",
             "Messages the agent dropped, by reason (pub_hwm: aggregator slow or away; event_too_large; "
-            "control_hwm; bad control messages).",
+            "control_hwm; bad control messages; handshake_refused: the aggregator refused our key).",
             labels=[NODE, "reason"],
         )
         for reason, n in sorted(agent.drops.as_dict().items()):
             dropped.add_metric([node, reason], n)
-        return [info, up, restarts, crashes, hangs, bad, queue_dropped, queue_len, sent, dropped]
+        return [info, up, restarts, crashes, hangs, bad, queue_dropped, queue_len, sent, control, dropped]
 
 
 class MetricsServer:

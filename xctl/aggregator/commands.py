@@ -15,8 +15,13 @@ one ``command`` line when it is sent, one ``outcome`` line when it ends (result,
 refusal here), and ``late_result`` when an agent answers after the TIMEOUT was reported — the
 kill may still have happened, and the record must say so.
 
-Authorisation: :attr:`CommandRouter.authorise` is the hook for the CURVE layer (zap needs an
-admin key); without it every requester is allowed, as for every query today.
+Authorisation: with CURVE (:attr:`CommandRouter.secure`) the server sets
+:attr:`CommandRouter.requester` to the authenticated identity of the query being handled; a
+zap (other than a dry run) needs an admin key, else it is refused with NOT_AUTHORISED and an
+audit line ``refused``. Every audit line records that authenticated ``user`` (and its
+``user_role``) next to the CLI-supplied ``requested_by``, which is kept but never trusted;
+the command carries ``user`` / ``user_role`` in its ``args`` so the agent's audit log has
+them too. Without CURVE ``user`` is null.
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ from typing import Any, Final
 
 from xctl.core.clock import Clock
 from xctl.core.cluster import ClusterGraph, Liveness
-from xctl.core.errors import NotFoundError, UsageError, XctlError
+from xctl.core.errors import NotAuthorisedError, NotFoundError, UsageError, XctlError
 from xctl.core.graph import ENDED_STATES, NodeGraph, Process
 from xctl.core.why import API_VERSION
+from xctl.wire.curve import ADMIN, Identity
 from xctl.wire.messages import MAX_IDENT_LEN, Ack, Command, Result
 
 log = logging.getLogger(__name__)
@@ -90,6 +96,8 @@ class _Pending:
     signal: str = "TERM"
     grace_s: float = DEFAULT_GRACE_S
     extra: dict[str, Any] = field(default_factory=dict)
+    user: str | None = None
+    user_role: str | None = None
 
 
 class AuditLog:
@@ -143,9 +151,10 @@ class CommandRouter:
         self.audit = AuditLog(audit_log) if audit_log else None
         self.connected = connected or (lambda _node: True)
         self.cache_size = cache_size
-        #: CURVE hook: called with (requested_by, op, args) before a command is sent; raises
-        #: NotAuthorisedError to refuse. None: everyone may (no authentication exists yet).
-        self.authorise: Callable[[str, str, Mapping[str, Any]], None] | None = None
+        #: CURVE in use: zap needs an admin ``requester`` (set by the server per query).
+        self.secure = False
+        #: The authenticated identity of the query being handled (None without CURVE).
+        self.requester: Identity | None = None
         self.pending: dict[str, _Pending] = {}
         self.answers: OrderedDict[str, dict[str, Any]] = OrderedDict()
         #: What the router did (sent, repeat, timeout, late_result, …), for ``health``.
@@ -160,6 +169,7 @@ class CommandRouter:
         node, pid, ctime = self._target(a["target"])
         if a.get("dry_run"):
             return self.preview(node, pid, ctime)
+        self._check_admin(a, node, pid, ctime)
         command_id = a.get("command_id")
         if not command_id:
             raise UsageError("zap needs a command_id (the idempotency key; the CLI makes one per zap)")
@@ -168,7 +178,7 @@ class CommandRouter:
         answer = self.answers.get(command_id)
         if answer is not None:
             self._count("repeat")
-            self._audit("repeat", command_id, answer.get("requested_by", ""), node, answer)
+            self._audit("repeat", command_id, answer.get("requested_by", ""), node, {**answer, **self._user()})
             return answer
         if command_id in self.pending:
             self._count("repeat")
@@ -186,8 +196,7 @@ class CommandRouter:
         if not 0 < deadline_s <= MAX_DEADLINE_S:
             raise UsageError(f"deadline_s: expected seconds between 0 and {MAX_DEADLINE_S:g}, got {deadline_s:g}")
         requested_by = str(a.get("requested_by") or "unknown")[:MAX_IDENT_LEN]
-        if self.authorise is not None:
-            self.authorise(requested_by, "zap", a)
+        user = self._user()
         if len(self.pending) >= MAX_PENDING:
             raise XctlError(f"{len(self.pending)} commands are in flight: try again when some have finished")
         target = {"node": node, "pid": pid, "create_time": ctime}
@@ -199,14 +208,22 @@ class CommandRouter:
             target=target,
             deadline=now + int(deadline_s * 1000),
             requested_by=requested_by,
-            args={"signal": signal_name, "grace_s": grace},
+            args={"signal": signal_name, "grace_s": grace, **({k: v for k, v in user.items() if v is not None})},
         )
         why_not = self.route(node, command)
         if why_not is not None:
             self._refuse(command_id, requested_by, target, why_not)
         mono = time.monotonic()
         self.pending[command_id] = _Pending(
-            command, node, now, mono + deadline_s, mono, signal=signal_name, grace_s=grace
+            command,
+            node,
+            now,
+            mono + deadline_s,
+            mono,
+            signal=signal_name,
+            grace_s=grace,
+            user=user["user"],
+            user_role=user["user_role"],
         )
         self._count("sent")
         self._audit(
@@ -214,10 +231,35 @@ class CommandRouter:
             command_id,
             requested_by,
             node,
-            {"target": target, "signal": signal_name, "grace_s": grace, "deadline_ms": command.deadline},
+            {"target": target, "signal": signal_name, "grace_s": grace, "deadline_ms": command.deadline, **user},
         )
-        log.info("zap %s → %s:%d (by %s, %s, grace %gs)", command_id, node, pid, requested_by, signal_name, grace)
+        who = f"{user['user']} ({user['user_role']}), says {requested_by}" if user["user"] else requested_by
+        log.info("zap %s → %s:%d (by %s, %s, grace %gs)", command_id, node, pid, who, signal_name, grace)
         return Deferred(command_id)
+
+    def _user(self) -> dict[str, str | None]:
+        """The authenticated requester, for commands and audit lines (nulls without CURVE)."""
+        who = self.requester
+        return {"user": who.name if who else None, "user_role": who.role if who else None}
+
+    def _check_admin(self, a: Mapping[str, Any], node: str, pid: int, ctime: float | None) -> None:
+        """With CURVE only an admin key may zap; a refusal is audited and raises NOT_AUTHORISED."""
+        if not self.secure:
+            return
+        who = self.requester
+        if who is not None and who.role == ADMIN:
+            return
+        self._count("not_authorised")
+        self.results["not_authorised"] = self.results.get("not_authorised", 0) + 1
+        command_id = str(a.get("command_id") or "")[:MAX_IDENT_LEN]
+        requested_by = str(a.get("requested_by") or "unknown")[:MAX_IDENT_LEN]
+        whom = who.label if who is not None else "an unknown key"
+        reason = f"zap needs an admin key; {whom} may not zap"
+        target = {"node": node, "pid": pid, "create_time": ctime}
+        data = {"target": target, "ok": False, "result": "NOT_AUTHORISED", "reason": reason, **self._user()}
+        self._audit("refused", command_id, requested_by, node, data)
+        log.warning("zap %s of %s:%d refused: %s", command_id, node, pid, reason)
+        raise NotAuthorisedError(f"not authorised: {reason}")
 
     def _target(self, raw: Mapping[str, Any]) -> tuple[str, int, float | None]:
         node, pid, ctime = raw.get("node"), raw.get("pid"), raw.get("create_time")
@@ -261,7 +303,7 @@ class CommandRouter:
             command_id,
             requested_by,
             str(target.get("node")),
-            {"target": target, "ok": False, "result": "NODE_DOWN", "reason": message},
+            {"target": target, "ok": False, "result": "NODE_DOWN", "reason": message, **self._user()},
         )
         raise NodeUnavailableError(message)
 
@@ -385,6 +427,8 @@ class CommandRouter:
             "source": "aggregator",
             "event": event,
             "command_id": command_id,
+            "user": data.get("user"),
+            "user_role": data.get("user_role"),
             "requested_by": requested_by,
             "node": node,
             "target": data.get("target"),
@@ -430,6 +474,8 @@ def _command_view(pending: _Pending) -> dict[str, Any]:
         "node": pending.node,
         "target": dict(cmd.target),
         "requested_by": cmd.requested_by,
+        "user": pending.user,
+        "user_role": pending.user_role,
         "signal": pending.signal,
         "grace_s": pending.grace_s,
     }
@@ -443,6 +489,8 @@ def _base(view: Mapping[str, Any]) -> dict[str, Any]:
         "node": view["node"],
         "target": view["target"],
         "requested_by": view["requested_by"],
+        "user": view.get("user"),
+        "user_role": view.get("user_role"),
         "signal": view["signal"],
         "grace_s": view["grace_s"],
     }

@@ -13,6 +13,7 @@ import click
 from xctl.cli import config, render
 from xctl.core.errors import UsageError, XctlError
 from xctl.wire.client import QueryClient
+from xctl.wire.curve import ClientKeys, load_client_keys
 from xctl.wire.sockets import endpoints, parse_address
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -58,13 +59,30 @@ def client_options(fn: F) -> F:
     return click.option("--keys", "keys", default=None, metavar="DIR", help="CURVE keys directory (env XCTL_KEYS)")(fn)
 
 
-def make_client(aggregator: str | None, timeout: float | None) -> QueryClient:
+def client_keys(keys: str | None = None) -> ClientKeys | None:
+    """The CLI's CURVE keys: ``--keys`` of the running command (``keys``, else the current click
+    command's ``--keys``), then XCTL_KEYS, then the config file; None: plaintext."""
+    if keys is None:
+        ctx = click.get_current_context(silent=True)
+        while ctx is not None and keys is None:
+            keys = ctx.params.get("keys")
+            ctx = ctx.parent
+    where = config.resolve("keys", keys, None)
+    if not where:
+        return None
+    found = load_client_keys(str(where))
+    if found is None:
+        log.warning("--keys %s holds no key files: querying the aggregator in plaintext", where)
+    return found
+
+
+def make_client(aggregator: str | None, timeout: float | None, keys: str | None = None) -> QueryClient:
     host, port = parse_address(str(config.resolve("aggregator", aggregator, config.DEFAULT_AGGREGATOR)))
     try:
         timeout_s = float(config.resolve("timeout", timeout, config.DEFAULT_TIMEOUT_S))
     except ValueError as exc:
         raise UsageError(f"timeout must be a number of seconds: {exc}") from exc
-    return QueryClient(endpoints(host, port).query, timeout_s=timeout_s)
+    return QueryClient(endpoints(host, port).query, timeout_s=timeout_s, keys=client_keys(keys))
 
 
 def query(aggregator: str | None, timeout: float | None, op: str, args: dict[str, Any] | None = None) -> Any:

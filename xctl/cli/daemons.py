@@ -19,7 +19,7 @@ from xctl.agent.actuator import Actuator, NvmlGpuPids
 from xctl.agent.daemon import Agent, AgentConfig
 from xctl.aggregator.metrics import DEFAULT_METRICS_PORT
 from xctl.aggregator.queries import Enricher
-from xctl.aggregator.server import Aggregator, AggregatorConfig
+from xctl.aggregator.server import Aggregator, AggregatorConfig, check_plaintext_bind
 from xctl.cli import config, render
 from xctl.cli.common import guarded
 from xctl.core.cluster import LivenessConfig
@@ -80,8 +80,11 @@ def _preflight(spec: str) -> None:
         probe.close()
 
 
-def _serve(workers: list[tuple[str, Callable[[], None], Callable[[], None]]]) -> None:
-    """Run each (name, run, stop) in a thread until SIGTERM/SIGINT; stop within the grace time."""
+def _serve(
+    workers: list[tuple[str, Callable[[], None], Callable[[], None]]], *, reload: Callable[[], None] | None = None
+) -> None:
+    """Run each (name, run, stop) in a thread until SIGTERM/SIGINT; stop within the grace time.
+    SIGHUP calls ``reload`` (the aggregator re-reads its key allow-lists)."""
     done = threading.Event()
     failures: list[BaseException] = []
 
@@ -89,8 +92,14 @@ def _serve(workers: list[tuple[str, Callable[[], None], Callable[[], None]]]) ->
         log.info("signal %d: stopping", signum)
         done.set()
 
+    def on_hup(_signum: int, _frame: FrameType | None) -> None:
+        log.info("SIGHUP: reloading")
+        if reload is not None:
+            reload()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hup)
     threads = []
     for name, run, _stop in workers:
 
@@ -150,6 +159,13 @@ probe_option = click.option(
     metavar="SPEC",
     help="probe to run (repeatable): procfs, nvml, kmsg, network, storage, exec:CMD, "
     "replay:FILE, sim[:k=v,...]; default: the node probes that work here",
+)
+keys_option = click.option(
+    "--keys",
+    "keys",
+    default=None,
+    metavar="DIR",
+    help="CURVE keys directory (env XCTL_KEYS; see `xctl keys` and docs/security.md)",
 )
 audit_option = click.option(
     "--audit-log",
@@ -259,6 +275,7 @@ def run(
 )
 @click.option("--metrics-bind", default="0.0.0.0", show_default=True, help="address for --metrics-port")
 @audit_option
+@keys_option
 @guarded
 def agent(
     aggregator_addr: str | None,
@@ -268,6 +285,7 @@ def agent(
     metrics_port: int,
     metrics_bind: str,
     audit_log: str | None,
+    keys: str | None,
 ) -> None:
     """The node agent: run probes and publish events to the aggregator."""
     host, port = parse_address(str(config.resolve("aggregator", aggregator_addr, config.DEFAULT_AGGREGATOR)))
@@ -284,11 +302,13 @@ def agent(
             metrics_port=metrics_port,
             metrics_bind=metrics_bind,
             systemd_notify=True,
+            keys=_keys_dir(keys),
         ),
         command_handler=make_actuator(name, audit_log),
     )
     con = render.console(stderr=True)
-    con.print(f"xctl agent {name}: probes {', '.join(specs) or 'none'} → {host}:{port}")
+    secured = f" (CURVE key {daemon.client_keys.path.name})" if daemon.client_keys else ""
+    con.print(f"xctl agent {name}: probes {', '.join(specs) or 'none'} → {host}:{port}{secured}")
     _say_disabled(con, disabled)
     _serve([("agent", daemon.run, daemon.request_stop)])
 
@@ -306,6 +326,12 @@ def agent(
 @click.option("--metrics-bind", default=None, metavar="ADDR", help="address for /metrics (default: --bind)")
 @audit_option
 @rules_option
+@keys_option
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="allow plaintext (no --keys) on an address other than loopback; warned about every hour",
+)
 @_with(liveness_options)
 @guarded
 def aggregator(
@@ -315,10 +341,19 @@ def aggregator(
     metrics_bind: str | None,
     audit_log: str | None,
     rules_dirs: tuple[Path, ...],
+    keys: str | None,
+    insecure: bool,
     suspect_after: float,
     dead_after: float,
 ) -> None:
-    """The head-node aggregator: cluster graph, queries, command routing, /metrics."""
+    """The head-node aggregator: cluster graph, queries, command routing, /metrics.
+
+    With --keys DIR (server.key_secret and the agents/ operators/ admins/ allow-lists) every
+    connection is CURVE-authenticated; SIGHUP re-reads the allow-lists. Without keys it
+    listens on loopback only, unless --insecure."""
+    keys_dir = _keys_dir(keys)
+    if not keys_dir:
+        check_plaintext_bind(bind, insecure)
     mbind = metrics_bind or bind
     explicit = click.get_current_context().get_parameter_source("metrics_port") is not ParameterSource.DEFAULT
     if metrics_port and not explicit and not _port_free(mbind, metrics_port):
@@ -332,12 +367,23 @@ def aggregator(
             metrics_port=metrics_port,
             metrics_bind=mbind,
             audit_log=audit_log,
+            keys=keys_dir,
+            insecure=insecure,
         ),
         enrich=load_enricher(rules_dirs),
     )
     served = f"; /metrics on {mbind}:{metrics_port}" if metrics_port else ""
-    render.console(stderr=True).print(f"xctl aggregator listening on {bind}:{port}-{port + 2}{served}")
-    _serve([("aggregator", daemon.run, daemon.request_stop)])
+    mode = {"curve": f"CURVE keys from {keys_dir}", "insecure": "PLAINTEXT (--insecure)"}.get(
+        daemon.security()["mode"], "plaintext"
+    )
+    render.console(stderr=True).print(f"xctl aggregator listening on {bind}:{port}-{port + 2}{served}; {mode}")
+    _serve([("aggregator", daemon.run, daemon.request_stop)], reload=daemon.request_reload)
+
+
+def _keys_dir(flag: str | None) -> str | None:
+    """--keys, else XCTL_KEYS, else the config file's ``keys``."""
+    value = config.resolve("keys", flag, None)
+    return str(value) if value else None
 
 
 def _port_free(bind: str, port: int) -> bool:

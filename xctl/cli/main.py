@@ -18,6 +18,7 @@ from xctl import __version__
 from xctl.cli import daemons, render
 from xctl.cli.common import client_options, guarded, make_client, query
 from xctl.cli.diag import diag
+from xctl.cli.keys import keys_group
 from xctl.cli.rules import rules_group
 from xctl.cli.zap import zap
 from xctl.core.errors import UsageError, XctlError
@@ -165,6 +166,7 @@ for _command in daemons.COMMANDS:
 main.add_command(diag)
 main.add_command(zap)
 main.add_command(rules_group)
+main.add_command(keys_group)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,10 +16,16 @@ reply per request); the next attempt starts at once on a fresh socket. An *error
 with an empty id is the aggregator saying it could not read the request at all, and is
 taken as the answer. A reply that is not valid protocol raises ProtocolError at once: the
 aggregator is there, and retrying would not change what it says.
+
+Refused handshakes: each REQ socket is watched by a socket monitor. When the aggregator's ZAP
+handler refuses our key (EVENT_HANDSHAKE_FAILED_AUTH), or one side uses CURVE and the other
+not, or our ``server.key`` is not the aggregator's, the call raises NotAuthorisedError at
+once (exit 5) with what went wrong, instead of timing out as "unreachable".
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -27,11 +33,13 @@ from types import TracebackType
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from xctl.core.errors import ProtocolError, UnreachableError, UsageError
+from xctl.core.errors import NotAuthorisedError, ProtocolError, UnreachableError, UsageError
 from xctl.wire.codec import QUERY_MAX, REPLY_MAX, pack, unpack
+from xctl.wire.curve import HANDSHAKE_EVENTS, ClientKeys, chain, client_setup, handshake_failure
 from xctl.wire.messages import ErrorMessage, QueryReply, QueryRequest, decode_reply, exception_for
-from xctl.wire.sockets import Context, SocketSetup, query_req
+from xctl.wire.sockets import Context, Socket, SocketSetup, query_req
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +49,8 @@ class QueryClient:
 
     ``address`` is the ``tcp://host:port`` of the query port (P+2; see
     :func:`xctl.wire.sockets.endpoints`). When ``ctx`` is not given, the client makes its
-    own context and terminates it on :meth:`close`.
+    own context and terminates it on :meth:`close`. ``keys``: connect with CURVE (see
+    :mod:`xctl.wire.curve`).
     """
 
     def __init__(
@@ -52,6 +61,7 @@ class QueryClient:
         retries: int = 2,
         ctx: Context | None = None,
         setup: SocketSetup | None = None,
+        keys: ClientKeys | None = None,
     ) -> None:
         if not timeout_s > 0:
             raise UsageError(f"timeout must be a positive number of seconds, got {timeout_s}")
@@ -60,7 +70,8 @@ class QueryClient:
         self.address = address
         self.timeout_s = float(timeout_s)
         self.retries = retries
-        self._setup = setup
+        self.keys = keys
+        self._setup = chain(client_setup(keys) if keys is not None else None, setup)
         self._own_ctx = ctx is None
         self._ctx: Context = zmq.Context() if ctx is None else ctx
         self._closed = False
@@ -121,24 +132,69 @@ class QueryClient:
 
     def _attempt(self, payload: bytes, wait_s: float) -> QueryReply | None:
         """One send/wait on a fresh REQ socket; ``None`` when nothing came back in time."""
-        sock = query_req(self._ctx, self.address, setup=self._setup)
+        monitors: list[Socket] = []
+
+        def setup(sock: Socket) -> None:
+            if self._setup is not None:
+                self._setup(sock)
+            # Before connect, so no handshake event is missed.
+            monitors.append(sock.get_monitor_socket(HANDSHAKE_EVENTS))
+
+        try:
+            sock = query_req(self._ctx, self.address, setup=setup)
+        except BaseException:
+            for mon in monitors:
+                mon.close(linger=0)
+            raise
+        monitor = monitors[0]
         try:
             try:
                 sock.send(payload, zmq.NOBLOCK)
             except zmq.Again:
                 return None
-            if not sock.poll(max(1, round(wait_s * 1000)), zmq.POLLIN):
-                return None
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(monitor, zmq.POLLIN)
+            deadline = time.monotonic() + wait_s
+            while True:
+                left_ms = round((deadline - time.monotonic()) * 1000)
+                if left_ms <= 0:
+                    return None
+                ready = dict(poller.poll(max(1, left_ms)))
+                if monitor in ready:
+                    self._check_handshake(monitor)
+                if sock in ready:
+                    break
             frames = sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return None
         except zmq.ZMQError as exc:
             raise UnreachableError(f"query to {self.address} failed: {exc.strerror}") from exc
         finally:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+            monitor.close(linger=0)
             sock.close(linger=0)
         if len(frames) != 1:
             raise ProtocolError("bad_frame", f"reply from {self.address}: expected 1 frame, got {len(frames)}")
         return decode_reply(unpack(frames[0], limit=REPLY_MAX))
+
+    def _check_handshake(self, monitor: Socket) -> None:
+        """Raise NotAuthorisedError for a handshake the aggregator refused (see the module doc)."""
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            why = handshake_failure(int(event["event"]), int(event["value"]), curve=self.keys is not None)
+            if why is not None:
+                hint = ""
+                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH and self.keys is not None:
+                    hint = (
+                        f" (your key {self.keys.path.name}, public key {self.keys.public_key}: an admin adds its "
+                        ".key file to the aggregator's operators/ or admins/ list and sends it SIGHUP)"
+                    )
+                raise NotAuthorisedError(f"{why} (aggregator at {self.address}){hint}")
 
     def close(self) -> None:
         if self._closed:

@@ -19,10 +19,12 @@ Options, per role:
   healthy but busy link.)
 - ROUTER_MANDATORY on the control ROUTER: sending to an absent node fails at once
   (``zmq.ZMQError`` with ``errno == zmq.EHOSTUNREACH``) instead of vanishing.
+- ROUTER_HANDOVER off (explicitly) on both ROUTERs: a second connection presenting a routing
+  id already in use is refused, so it cannot take over another peer's messages.
 
 Every factory takes ``setup``, called on the new socket before bind/connect: that is where
-the CURVE layer sets keys. A socket whose bind/connect fails is closed before the error is
-raised.
+the CURVE layer (:mod:`xctl.wire.curve`) sets keys. A socket whose bind/connect fails is
+closed before the error is raised.
 """
 
 from __future__ import annotations
@@ -240,6 +242,7 @@ def control_router(ctx: Context, bind: str, *, setup: SocketSetup | None = None)
     )
     try:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
         _heartbeats(sock)
     except BaseException:
         sock.close(0)
@@ -268,6 +271,11 @@ def query_router(ctx: Context, bind: str, *, setup: SocketSetup | None = None) -
     sock = _make(
         ctx, zmq.ROUTER, linger=DAEMON_LINGER_MS, maxmsgsize=QUERY_MAX, hwm=QUERY_HWM, endpoint=bind, setup=setup
     )
+    try:
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
+    except BaseException:
+        sock.close(0)
+        raise
     return _bind(sock, bind, "queries")
 
 
