@@ -11,7 +11,12 @@ Prints one JSON object:
 Each generator process hosts many virtual nodes, each with its own PUB and DEALER sockets,
 answering hello/heartbeat/snapshot like a real agent — the aggregator cannot tell them apart.
 
-    .venv/bin/python bench/ingest.py [--nodes 1000] [--procs 2] [--duration 10]
+--curve: the throughput section runs a second time with CURVE (keys generated into a temp
+dir: a server pair, one agent key per blast node, an operator key for the health queries;
+the raw receiver is a CURVE server too) and reports ``curve_ratio`` = CURVE ingest rate /
+plaintext ingest rate. --no-rate skips the (slow) rate section.
+
+    .venv/bin/python bench/ingest.py [--nodes 1000] [--procs 2] [--duration 10] [--curve] [--no-rate]
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from xctl.cli.daemons import free_port_base
 from xctl.core.events import Event, EventType
 from xctl.wire.client import QueryClient
 from xctl.wire.codec import pack
+from xctl.wire.curve import ClientKeys, client_setup, load_client_keys, load_server_keys, write_key_pair
 from xctl.wire.framing import batch_frames, control_frames, read_control
 from xctl.wire.messages import EventBatch, Heartbeat, Hello, Snapshot, SnapshotReq
 from xctl.wire.sockets import control_dealer, endpoints, events_pub
@@ -153,7 +159,31 @@ def rate_generator(names: list[str], port: int, duration: float, out: str) -> No
     ctx.destroy(linger=0)
 
 
-def blast_generator(port: int, nodes: int, batches: int, batch_events: int, out: str) -> None:
+def make_keys(tmp: Path, nodes: int) -> Path:
+    """CURVE keys for a blast: server pair + agents/ (blast0…) + operators/ (bench); one dir each."""
+    agg = tmp / "keys"
+    write_key_pair(agg, "server", "server")
+    for role, names in (("agent", [f"blast{n}" for n in range(nodes)]), ("operator", ["bench"])):
+        (agg / f"{role}s").mkdir(exist_ok=True)
+        for name in names:
+            where = tmp / f"keys-{name}"
+            public, _ = write_key_pair(where, name, role)
+            (where / "server.key").write_bytes((agg / "server.key").read_bytes())
+            (agg / f"{role}s" / public.name).write_bytes(public.read_bytes())
+    return agg
+
+
+def client_keys(keys: Path | None, name: str) -> ClientKeys | None:
+    if keys is None:
+        return None
+    found = load_client_keys(keys.parent / f"keys-{name}")
+    assert found is not None
+    return found
+
+
+def blast_generator(
+    port: int, nodes: int, batches: int, batch_events: int, out: str, keys: Path | None = None
+) -> None:
     """Pre-packed batches sent as fast as possible (seq in order per node)."""
     ctx: zmq.Context[Any] = zmq.Context()
     eps = endpoints("127.0.0.1", port)
@@ -163,10 +193,12 @@ def blast_generator(port: int, nodes: int, batches: int, batch_events: int, out:
     for n in range(nodes):
         name = f"blast{n}"
         epoch = f"blast-{os.getpid()}-{n}"
-        pub = events_pub(ctx, eps.events)
+        own = client_keys(keys, name)
+        setup = client_setup(own) if own is not None else None
+        pub = events_pub(ctx, eps.events, setup=setup)
         pub.setsockopt(zmq.SNDHWM, 0)
         pubs.append(pub)
-        dealer = control_dealer(ctx, eps.control, f"{name}/{epoch}".encode())
+        dealer = control_dealer(ctx, eps.control, f"{name}/{epoch}".encode(), setup=setup)
         dealer.send_multipart(control_frames(Hello(name, epoch, "bench", (), os.getpid())))
         events = tuple(Event(now, EventType.COMPUTE_UTIL, f"gpu-{i % 8}", "95", 4800 + i % 8, "job-b")
                        for i in range(batch_events))
@@ -189,11 +221,16 @@ def blast_generator(port: int, nodes: int, batches: int, batch_events: int, out:
     ctx.destroy(linger=2000)
 
 
-def raw_receiver(port: int, expected: int, out: str) -> None:
+def raw_receiver(port: int, expected: int, out: str, keys: Path | None = None) -> None:
     ctx: zmq.Context[Any] = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"ev")
     sub.setsockopt(zmq.RCVHWM, 0)
+    server = load_server_keys(keys) if keys is not None else None
+    if server is not None:  # CURVE without ZAP: every client key is accepted (the crypto cost only)
+        sub.setsockopt(zmq.CURVE_SERVER, 1)
+        sub.setsockopt(zmq.CURVE_PUBLICKEY, server.public_key.encode())
+        sub.setsockopt(zmq.CURVE_SECRETKEY, server.secret_key.encode())
     sub.bind(f"tcp://127.0.0.1:{port}")
     received, first = 0, None
     deadline = time.monotonic() + 120
@@ -219,10 +256,11 @@ def rss_mib(pid: int) -> dict[str, float]:
     return {"rss_mib": round(fields.get("VmRSS", 0), 1), "peak_rss_mib": round(fields.get("VmHWM", 0), 1)}
 
 
-def start_aggregator(port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "xctl.cli.main", "aggregator", "--port", str(port)],
+def start_aggregator(port: int, keys: Path | None = None) -> subprocess.Popen[bytes]:
+    extra = ["--keys", str(keys)] if keys is not None else []
+    proc = subprocess.Popen([sys.executable, "-m", "xctl.cli.main", "aggregator", "--port", str(port), *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with QueryClient(endpoints("127.0.0.1", port).query, timeout_s=2) as client:
+    with QueryClient(endpoints("127.0.0.1", port).query, timeout_s=2, keys=client_keys(keys, "bench")) as client:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
@@ -233,22 +271,25 @@ def start_aggregator(port: int) -> subprocess.Popen[bytes]:
     raise SystemExit("aggregator did not start")
 
 
-def measure_throughput(tmp: Path, nodes: int, batches: int, batch_events: int) -> dict[str, Any]:
+def measure_throughput(
+    tmp: Path, nodes: int, batches: int, batch_events: int, keys: Path | None = None
+) -> dict[str, Any]:
     total = nodes * batches * batch_events
     raw_port = free_port_base()
-    recv = mp.Process(target=raw_receiver, args=(raw_port, total, str(tmp / "raw.json")))
+    recv = mp.Process(target=raw_receiver, args=(raw_port, total, str(tmp / "raw.json"), keys))
     recv.start()
     time.sleep(0.5)
-    gen = mp.Process(target=blast_generator, args=(raw_port, nodes, batches, batch_events, str(tmp / "rawgen.json")))
+    gen = mp.Process(target=blast_generator,
+                     args=(raw_port, nodes, batches, batch_events, str(tmp / "rawgen.json"), keys))
     gen.start()
     recv.join(150)
     gen.terminate()
     raw = json.loads((tmp / "raw.json").read_text())
 
     port = free_port_base()
-    agg = start_aggregator(port)
-    client = QueryClient(endpoints("127.0.0.1", port).query, timeout_s=10)
-    gen = mp.Process(target=blast_generator, args=(port, nodes, batches, batch_events, str(tmp / "gen.json")))
+    agg = start_aggregator(port, keys)
+    client = QueryClient(endpoints("127.0.0.1", port).query, timeout_s=10, keys=client_keys(keys, "bench"))
+    gen = mp.Process(target=blast_generator, args=(port, nodes, batches, batch_events, str(tmp / "gen.json"), keys))
     gen.start()
     base = client.request("health")["counters"]["events_applied"]
     start = None
@@ -367,12 +408,26 @@ def main() -> None:
     parser.add_argument("--blast-nodes", type=int, default=20)
     parser.add_argument("--blast-batches", type=int, default=300)
     parser.add_argument("--blast-batch-events", type=int, default=100)
+    parser.add_argument("--curve", action="store_true", help="also measure the throughput with CURVE keys")
+    parser.add_argument("--no-rate", action="store_true", help="skip the rate section")
     args = parser.parse_args()
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"xctl-bench-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"benchmark": "ingest", "cpus": os.cpu_count()}
     result["throughput"] = measure_throughput(tmp, args.blast_nodes, args.blast_batches, args.blast_batch_events)
-    result["rate"] = measure_rate(tmp, args.nodes, args.procs, args.duration)
+    if args.curve:
+        keys = make_keys(tmp, args.blast_nodes)
+        curve = measure_throughput(tmp, args.blast_nodes, args.blast_batches, args.blast_batch_events, keys)
+        result["throughput_curve"] = curve
+        plain = result["throughput"]
+        result["curve_ratio"] = {
+            "ingest": round(curve["ingest_events_per_s"] / plain["ingest_events_per_s"], 3)
+            if plain["ingest_events_per_s"] else None,
+            "raw": round(curve["raw_events_per_s"] / plain["raw_events_per_s"], 3)
+            if plain["raw_events_per_s"] else None,
+        }
+    if not args.no_rate:
+        result["rate"] = measure_rate(tmp, args.nodes, args.procs, args.duration)
     print(json.dumps(result, indent=2))
 
 
