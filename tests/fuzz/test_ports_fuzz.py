@@ -476,11 +476,12 @@ def test_every_aggregator_port_survives_fuzzing(tmp_path: Path, ctx: zmq.Context
         return any(n["node"] == "real2" and n["state"] == "alive" for n in nodes)
 
     wait_until(real2_alive, 20, "a new agent to get in after the fuzzing")
-    assert fz.client.request("ps", {"node": "real2"})["items"]
+    wait_until(lambda: fz.client.request("ps", {"node": "real2"})["items"], 20, "real2's processes in ps")
     rss_after = rss_kib(agg.proc.pid)
     report["rss_mib"] = {"before": round(rss_before / 1024, 1), "after": round(rss_after / 1024, 1),
                          "bound": RSS_BOUND_MIB}
     report["dropped"] = after["dropped"]
+    report["nodes_known"] = len(fz.client.request("nodes", {})["items"])  # names mutations invented
     print("fuzz aggregator:", report)
     assert (rss_after - rss_before) / 1024 < RSS_BOUND_MIB, report["rss_mib"]
     assert agg.proc.poll() is None
