@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -38,6 +38,9 @@ MAX_CALLS_PER_TURN: Final = 4
 #: Sent as the API key to a custom --base-url when OPENAI_API_KEY is not set (local servers
 #: such as llama-server, vLLM or Ollama do not check it).
 NO_KEY: Final = "sk-no-key-required"
+#: A JSON object merged into every request body, for server-specific fields the API does not
+#: define, e.g. ``{"cache_prompt": false}`` for llama-server (repeatable output at temperature 0).
+EXTRA_BODY_ENV: Final = "XCTL_LLM_EXTRA_BODY"
 
 Send = Callable[[dict[str, Any], float], dict[str, Any]]
 
@@ -103,6 +106,7 @@ class LLMConfig:
     token_budget: int = DEFAULT_TOKEN_BUDGET
     timeout_s: float = DEFAULT_TIMEOUT_S
     temperature: float = 0.0
+    extra_body: Mapping[str, Any] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if self.max_steps < 0:
@@ -122,7 +126,8 @@ class LLMConfig:
         timeout_s: float | None = None,
         env: dict[str, str] | None = None,
     ) -> LLMConfig:
-        """Flags over the environment: ``OPENAI_BASE_URL``, ``OPENAI_API_KEY``."""
+        """Flags over the environment: ``OPENAI_BASE_URL``, ``OPENAI_API_KEY``,
+        ``XCTL_LLM_EXTRA_BODY`` (a JSON object sent with every request)."""
         environ = os.environ if env is None else env
         return cls(
             model=model or DEFAULT_MODEL,
@@ -130,6 +135,7 @@ class LLMConfig:
             api_key=environ.get("OPENAI_API_KEY") or None,
             max_steps=DEFAULT_MAX_STEPS if max_steps is None else max_steps,
             timeout_s=DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s,
+            extra_body=_extra_body(environ.get(EXTRA_BODY_ENV)),
         )
 
     @property
@@ -139,6 +145,18 @@ class LLMConfig:
     @property
     def custom_server(self) -> bool:
         return self.base_url is not None and self.url != DEFAULT_BASE_URL
+
+
+def _extra_body(raw: str | None) -> dict[str, Any] | None:
+    if not raw or not raw.strip():
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{EXTRA_BODY_ENV} is not valid JSON: {exc.msg}") from exc
+    if not isinstance(value, dict):
+        raise UsageError(f"{EXTRA_BODY_ENV} must be a JSON object, e.g. '{{\"cache_prompt\": false}}'")
+    return value
 
 
 # ----------------------------------------------------------------------------- transport
@@ -161,10 +179,11 @@ def openai_sender(config: LLMConfig) -> Send:
         api_key = NO_KEY
     client = openai.OpenAI(api_key=api_key, base_url=config.url, timeout=config.timeout_s, max_retries=0)
     where = config.url
+    extra_body = dict(config.extra_body) if config.extra_body else None
 
     def send(body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         try:
-            response = client.chat.completions.create(**body, timeout=timeout_s)
+            response = client.chat.completions.create(**body, timeout=timeout_s, extra_body=extra_body)
         except openai.APITimeoutError as exc:
             raise LLMError(f"the LLM server at {where} did not answer within {timeout_s:.1f}s") from exc
         except openai.APIConnectionError as exc:

@@ -61,7 +61,10 @@ def _fn(name: str, description: str, properties: dict[str, Any], required: list[
     }
 
 
-_STR: Final = {"type": "string"}
+#: Every string argument says the bound `_str` enforces: a schema-following server (llama-server
+#: turns it into a grammar) then cannot let a small model run on inside one string until the
+#: token limit cuts the call off unparseable.
+_STR: Final = {"type": "string", "maxLength": MAX_ARG_CHARS}
 
 TOOL_SPECS: Final[tuple[dict[str, Any], ...]] = (
     _fn(
