@@ -14,13 +14,13 @@ import logging
 import threading
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from xctl import __version__
-from xctl.core.errors import XctlError
+from xctl.metrics_http import MetricsServer, start_server
 
 log = logging.getLogger(__name__)
 
@@ -109,23 +109,6 @@ class AgentCollector(Collector):
         return [info, up, restarts, crashes, hangs, bad, queue_dropped, queue_len, sent, control, dropped]
 
 
-class MetricsServer:
-    """prometheus_client's HTTP server and its thread, stoppable."""
-
-    def __init__(self, httpd: Any, thread: threading.Thread) -> None:
-        self._httpd = httpd
-        self._thread = thread
-
-    @property
-    def port(self) -> int:
-        return int(self._httpd.server_port)
-
-    def shutdown(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(2.0)
-
-
 def make_registry(agent: Any) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentCollector(agent))
@@ -134,16 +117,4 @@ def make_registry(agent: Any) -> CollectorRegistry:
 
 def serve_agent_metrics(agent: Any, bind: str, port: int) -> MetricsServer:
     """Serve the agent's /metrics in a daemon thread; ``.shutdown()`` stops it."""
-    addr = "0.0.0.0" if bind in ("*", "") else bind
-    try:
-        started = start_http_server(port, addr=addr, registry=make_registry(agent))
-    except OSError as exc:
-        raise XctlError(
-            f"cannot serve the agent's /metrics on {addr}:{port}: {exc.strerror or exc} "
-            "(choose another --metrics-port, or 0 to disable it)"
-        ) from exc
-    if not isinstance(started, tuple):
-        raise XctlError("this prometheus-client does not hand back its HTTP server: upgrade prometheus-client")
-    httpd, thread = started
-    log.info("agent /metrics on http://%s:%d/metrics", addr, httpd.server_port)
-    return MetricsServer(httpd, thread)
+    return start_server(make_registry(agent), bind, port, what="agent")

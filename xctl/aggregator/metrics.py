@@ -29,7 +29,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -38,10 +38,10 @@ from xctl import __version__
 from xctl.aggregator.queries import QUERY_BUCKETS_S, OpTimings
 from xctl.core.catalog import code_info
 from xctl.core.cluster import ClusterGraph, Liveness
-from xctl.core.errors import XctlError
 from xctl.core.events import EventType
 from xctl.core.graph import ErrorVertex, NodeGraph, Process, Resource, as_float
 from xctl.core.views import quick_verdict
+from xctl.metrics_http import MetricsServer, start_server
 
 log = logging.getLogger(__name__)
 
@@ -401,45 +401,11 @@ def _counter_map(obj: object) -> Mapping[str, int] | None:
 
 
 # ---------------------------------------------------------------------- serving
-class MetricsServer:
-    """prometheus_client's HTTP server and its thread, stoppable."""
-
-    def __init__(self, httpd: Any, thread: threading.Thread) -> None:
-        self._httpd = httpd
-        self._thread = thread
-
-    @property
-    def port(self) -> int:
-        return int(self._httpd.server_port)
-
-    def shutdown(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(2.0)
-
-
 def make_registry(aggregator: Any) -> CollectorRegistry:
     """A registry of its own (not the global one): only the aggregator's families."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AggregatorCollector(aggregator))
     return registry
-
-
-def start_server(registry: CollectorRegistry, bind: str, port: int, *, what: str) -> MetricsServer:
-    """Serve ``registry`` on http://bind:port/metrics in a daemon thread."""
-    addr = "0.0.0.0" if bind in ("*", "") else bind
-    try:
-        started = start_http_server(port, addr=addr, registry=registry)
-    except OSError as exc:
-        raise XctlError(
-            f"cannot serve {what} /metrics on {addr}:{port}: {exc.strerror or exc} "
-            "(choose another --metrics-port, or 0 to disable it)"
-        ) from exc
-    if not isinstance(started, tuple):  # prometheus_client < 0.20 returned nothing
-        raise XctlError("this prometheus-client does not hand back its HTTP server: upgrade prometheus-client")
-    httpd, thread = started
-    log.info("%s /metrics on http://%s:%d/metrics", what, addr, httpd.server_port)
-    return MetricsServer(httpd, thread)
 
 
 def serve_metrics(aggregator: Any, bind: str, port: int) -> MetricsServer:
