@@ -31,7 +31,6 @@ thread and hands the result back to its socket thread (see :mod:`xctl.agent.daem
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -40,15 +39,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Final
 
 import psutil
 
+from xctl.audit import AuditLog
 from xctl.core.clock import Clock
 from xctl.core.errors import UsageError
 from xctl.core.events import AttrValue, Event, EventType
+from xctl.core.why import iso
 from xctl.sysclock import wall_ms
 from xctl.wire.messages import Command, Result
 
@@ -223,29 +222,6 @@ class NvmlGpuPids:
 
 # ------------------------------------------------------------------------------ audit
 
-
-class AuditLog:
-    """Append-only JSON lines; one writer at a time. A write failure is logged, never raised."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self.failures = 0
-
-    def write(self, record: Mapping[str, Any]) -> None:
-        line = json.dumps(dict(record), separators=(",", ":"), default=str, sort_keys=False) + "\n"
-        with self._lock:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with self.path.open("a", encoding="utf-8") as fh:
-                    fh.write(line)
-            except OSError as exc:
-                self.failures += 1
-                log.error("cannot append to audit log %s: %s", self.path, exc)
-
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # ------------------------------------------------------------------------------ the actuator
@@ -520,8 +496,8 @@ class Actuator:
         if abs(started - ctime) > CTIME_TOLERANCE_S:
             raise _Refused(
                 "REFUSED",
-                f"pid {pid} is now another process ({name}, started {_iso(int(started * 1000))}; the target "
-                f"started {_iso(int(ctime * 1000))}): the pid was reused, nothing was done",
+                f"pid {pid} is now another process ({name}, started {iso(int(started * 1000))}; the target "
+                f"started {iso(int(ctime * 1000))}): the pid was reused, nothing was done",
                 row,
             )
         why_not = self._protected_reason(proc, pid, name, protected)
@@ -757,7 +733,7 @@ class Actuator:
         self.audit.write(
             {
                 "ts": now,
-                "time": _iso(now),
+                "time": iso(now),
                 "source": "agent",
                 "node": self.node,
                 "command_id": command.id,

@@ -26,23 +26,20 @@ them too. Without CURVE ``user`` is null.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Final
 
+from xctl.audit import AuditLog
 from xctl.core.clock import Clock
 from xctl.core.cluster import ClusterGraph, Liveness
 from xctl.core.errors import NotAuthorisedError, NotFoundError, UsageError, XctlError
 from xctl.core.graph import ENDED_STATES, NodeGraph, Process
-from xctl.core.why import API_VERSION
+from xctl.core.why import API_VERSION, iso
 from xctl.wire.curve import ADMIN, Identity
 from xctl.wire.messages import MAX_IDENT_LEN, Ack, Command, Result
 
@@ -99,29 +96,6 @@ class _Pending:
     user: str | None = None
     user_role: str | None = None
 
-
-class AuditLog:
-    """Append-only JSON lines (one writer: the aggregator's socket thread; locked anyway)."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self.failures = 0
-
-    def write(self, record: Mapping[str, Any]) -> None:
-        line = json.dumps(dict(record), separators=(",", ":"), default=str) + "\n"
-        with self._lock:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with self.path.open("a", encoding="utf-8") as fh:
-                    fh.write(line)
-            except OSError as exc:
-                self.failures += 1
-                log.error("cannot append to audit log %s: %s", self.path, exc)
-
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 #: Sends a command to a node's agent; returns None when sent, else why it could not be.
@@ -423,7 +397,7 @@ class CommandRouter:
         now = self.clock()
         record: dict[str, Any] = {
             "ts": now,
-            "time": _iso(now),
+            "time": iso(now),
             "source": "aggregator",
             "event": event,
             "command_id": command_id,
