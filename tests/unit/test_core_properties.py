@@ -8,15 +8,16 @@ advances that cross every window. Example counts are kept modest so the file sta
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from xctl.core.clock import ManualClock
 from xctl.core.cluster import ClusterGraph, LivenessConfig
 from xctl.core.errors import EventError, NotFoundError, TargetError
-from xctl.core.events import Event, EventType, parse_line
+from xctl.core.events import Event, EventType, events_from_wire, parse_line
 from xctl.core.graph import GraphLimits, NodeGraph
 from xctl.core.targets import Target, parse_target
 from xctl.core.why import explain
@@ -384,3 +385,69 @@ def test_a_parsed_line_is_a_valid_wire_event(obj: dict[str, Any]) -> None:
     except EventError:
         return
     assert Event.from_wire(ev.to_wire()) == ev
+
+
+# Wire tuples near the edges of every limit: the batch fast path must accept and refuse
+# exactly what the field-by-field checks do, and build the same event. Each item is a valid
+# event with at most one field replaced, so both paths are exercised on every example.
+_odd = st.one_of(st.none(), st.booleans(), st.floats(allow_nan=True), st.integers(), st.lists(st.none(), max_size=1))
+_edge_text = st.one_of(st.text(max_size=4), st.sampled_from(["", "x" * 256, "x" * 257, "x" * 4096, "x" * 4097]), _odd)
+_edge_attrs = st.one_of(
+    st.dictionaries(
+        st.one_of(st.text(min_size=1, max_size=3), st.sampled_from(["", "k" * 64, "k" * 65, 7])),
+        st.one_of(
+            st.text(max_size=3),
+            st.integers(),
+            st.booleans(),
+            st.floats(allow_nan=False, allow_infinity=False),
+            st.sampled_from(["v" * 8192, "v" * 8193, math.nan, math.inf, None, [1]]),
+        ),
+        max_size=3,
+    ),
+    st.sampled_from([{f"k{i}": i for i in range(64)}, {f"k{i}": i for i in range(65)}, [], [1]]),
+    _odd,
+)
+_edges = (
+    st.one_of(st.sampled_from([0, 2**53 - 1, 2**53, -1]), _odd),  # ts
+    st.one_of(st.sampled_from([t.value for t in EventType] + ["", "nope"]), _odd),  # type
+    _edge_text,  # entity
+    st.one_of(st.sampled_from([1, 2**31 - 1, 2**31, 0, -5]), _odd),  # pid
+    _edge_text,  # job
+    _edge_text,  # value
+    _edge_attrs,
+)
+_valid_wire = [T0, "compute.util", "gpu-0", 4812, "job-1", "95", {"rank": 3, "name": "python3", "ok": True, "f": 1.5}]
+
+
+@st.composite
+def _wire_item(draw: st.DrawFn) -> Any:
+    item = list(_valid_wire)
+    item[6] = dict(item[6])
+    field = draw(st.integers(min_value=-1, max_value=7))
+    if 0 <= field < 7:
+        item[field] = draw(_edges[field])
+    elif field == 7:
+        return draw(st.one_of(_odd, st.lists(st.integers(), max_size=8), st.just(tuple(item))))
+    return item
+
+
+def _with_attrs(attrs: Any) -> list[Any]:
+    return [*_valid_wire[:6], attrs]
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(_wire_item(), max_size=3))
+@example([_with_attrs({"k": "v" * 8192}), _with_attrs({"k": "v" * 8193})])
+@example([_with_attrs({"k": math.inf}), _with_attrs({"k": -math.inf}), _with_attrs({"k": math.nan})])
+@example([_with_attrs({"": 1}), _with_attrs({"k" * 65: 1}), _with_attrs({7: 1})])
+def test_batch_fast_path_agrees_with_the_field_checks(items: list[Any]) -> None:
+    good, bad = events_from_wire(items)
+    expected_good: list[Event] = []
+    expected_bad: list[tuple[int, str]] = []
+    for index, item in enumerate(items):
+        try:
+            expected_good.append(Event._from_wire_checked(item))
+        except EventError as exc:
+            expected_bad.append((index, str(exc)))
+    assert good == expected_good
+    assert [(i, str(exc)) for i, exc in bad] == expected_bad

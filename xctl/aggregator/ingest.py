@@ -18,6 +18,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Final
 
 from xctl.core.cluster import ClusterGraph
@@ -30,6 +31,7 @@ MAX_BUFFERED_BATCHES: Final = 2_000
 SNAPSHOT_TIMEOUT_MS: Final = 5_000
 MAX_SNAPSHOTS_IN_FLIGHT: Final = 16
 LAG_SAMPLES: Final = 4_096
+_TS: Final = attrgetter("ts")
 
 
 @dataclass
@@ -99,7 +101,7 @@ class Ingest:
             self.cluster.apply_all(stream.node, batch.events)
             self.applied_events += len(batch.events)
             # Visibility lag: from the newest event's timestamp to "applied, answerable by why".
-            self.lag_ms.append(self.cluster.clock() - max(e.ts for e in batch.events))
+            self.lag_ms.append(self.cluster.clock() - max(map(_TS, batch.events)))
         stream.seq = batch.seq
 
     def lag_percentiles(self) -> dict[str, float | None]:

@@ -10,10 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from operator import attrgetter
+from typing import Final
 
 from xctl.core.clock import Clock
 from xctl.core.events import Event
 from xctl.core.graph import GraphLimits, NodeGraph, Process
+
+_JOB: Final = attrgetter("job")
 
 
 class Liveness(StrEnum):
@@ -104,7 +108,9 @@ class ClusterGraph:
         graph.apply_all(events)
         status.events += len(events)
         job_nodes = self._job_nodes
-        for job in {e.job for e in events if e.job is not None}:
+        jobs = set(map(_JOB, events))
+        jobs.discard(None)
+        for job in jobs:
             nodes = job_nodes.get(job)
             if nodes is None:
                 job_nodes[job] = {node}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Final, NamedTuple
@@ -50,6 +50,9 @@ _TYPES: Final[dict[str, EventType]] = {t.value: t for t in EventType}
 _MAX_TS: Final = 2**53
 _MAX_PID: Final = 2**31
 _new_tuple = tuple.__new__
+_NONE = type(None)
+#: Field types (ts, type, entity, pid, job, value) of wire tuples that take the fast path.
+_FAST_SHAPES: Final = frozenset((int, str, str, pid, job, str) for pid in (int, _NONE) for job in (str, _NONE))
 ERROR_TYPES: Final = frozenset({EventType.ERROR_HW, EventType.ERROR_NET, EventType.TOPO_LINK_DOWN})
 
 
@@ -78,29 +81,14 @@ class Event(NamedTuple):
 
     @classmethod
     def from_wire(cls, item: object) -> Event:
-        """Validate and build an event from a wire tuple; raises :class:`EventError`.
+        """Validate and build one event from a wire tuple; raises :class:`EventError`.
 
-        The common shape (exact types, no attrs) takes an inlined fast path: this runs once
-        per event on the aggregator's ingest thread. Anything else gets the full checks.
+        An ``attrs`` dict is adopted, not copied (it comes from a decoder): do not mutate it.
         """
-        if type(item) is list and len(item) == 7:
-            ts, etype, entity, pid, job, value, attrs = item
-            known = _TYPES.get(etype) if type(etype) is str else None
-            if (
-                known is not None
-                and type(ts) is int
-                and 0 <= ts < _MAX_TS
-                and type(entity) is str
-                and 0 < len(entity) <= MAX_ENTITY_LEN
-                and type(value) is str
-                and len(value) <= MAX_VALUE_LEN
-                and (pid is None or (type(pid) is int and 0 < pid < _MAX_PID))
-                and (job is None or (type(job) is str and 0 < len(job) <= MAX_ENTITY_LEN))
-                and not attrs
-                and (attrs is None or type(attrs) is dict)
-            ):
-                return _new_tuple(cls, (ts, known, entity, value, pid, job, NO_ATTRS))
-        return cls._from_wire_checked(item)
+        good, bad = events_from_wire((item,))
+        if bad:
+            raise bad[0][1]
+        return good[0]
 
     @classmethod
     def _from_wire_checked(cls, item: object) -> Event:
@@ -284,6 +272,67 @@ def _attrs(raw: object) -> Mapping[str, AttrValue]:
 def _reason(exc: BaseException) -> str:
     text = str(exc)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def events_from_wire(items: Iterable[object]) -> tuple[list[Event], list[tuple[int, EventError]]]:
+    """Validate decoded wire tuples: the good events, and ``(index, error)`` for each bad one.
+
+    This is the aggregator's ingest hot path (it runs once per event received), so the
+    common shape — exact types, flat attrs — is checked inline in one loop, without a call
+    per event; anything else gets the full checks of :meth:`Event._from_wire_checked`, whose
+    errors name the field. Both paths accept and refuse exactly the same inputs (a property
+    test holds them to it). Attr dicts are adopted, not copied: they come from the decoder.
+    """
+    good: list[Event] = []
+    bad: list[tuple[int, EventError]] = []
+    append = good.append
+    types = _TYPES
+    new = _new_tuple
+    cls = Event
+    proxy = MappingProxyType
+    shapes = _FAST_SHAPES
+    for index, item in enumerate(items):
+        if type(item) is list and len(item) == 7:
+            ts, etype, entity, pid, job, value, attrs = item
+            # One set lookup checks the six field types at once (exact types: no bool for int).
+            if (
+                (type(ts), type(etype), type(entity), type(pid), type(job), type(value)) in shapes
+                and 0 <= ts < _MAX_TS
+                and 0 < len(entity) <= MAX_ENTITY_LEN
+                and len(value) <= MAX_VALUE_LEN
+                and (pid is None or 0 < pid < _MAX_PID)
+                and (job is None or 0 < len(job) <= MAX_ENTITY_LEN)
+            ):
+                known = types.get(etype)
+                if known is not None:
+                    if attrs is None or (type(attrs) is dict and not attrs):
+                        append(new(cls, (ts, known, entity, value, pid, job, NO_ATTRS)))
+                        continue
+                    if type(attrs) is dict and len(attrs) <= MAX_ATTRS and _flat(attrs):
+                        append(new(cls, (ts, known, entity, value, pid, job, proxy(attrs))))
+                        continue
+        try:
+            append(cls._from_wire_checked(item))
+        except EventError as exc:
+            bad.append((index, exc))
+    return good, bad
+
+
+def _flat(attrs: dict[Any, Any]) -> bool:
+    """True when every attr is valid as it is (the slow path says what is wrong otherwise)."""
+    for key, val in attrs.items():
+        if type(key) is not str or not 0 < len(key) <= MAX_ATTR_KEY_LEN:
+            return False
+        kind = type(val)
+        if kind is str:
+            if len(val) > MAX_ATTR_STR_LEN:
+                return False
+        elif kind is float:
+            if not math.isfinite(val):
+                return False
+        elif kind is not int and kind is not bool:
+            return False
+    return True
 
 
 def events_to_wire(events: Sequence[Event]) -> list[list[Any]]:

@@ -225,11 +225,15 @@ class NodeGraph:
             self.expire(now)
 
     def apply_all(self, events: Sequence[Event]) -> None:
-        """Fold a batch in, reading the clock once (the ingest hot path)."""
+        """Fold a batch in, reading the clock once (the ingest hot path: samples go straight
+        to :meth:`_apply_metric`, everything else through :meth:`_apply`)."""
         now = self.clock()
-        apply = self._apply
+        metric, other, metric_types = self._apply_metric, self._apply, _METRIC_TYPES
         for event in events:
-            apply(event, now)
+            if event.type in metric_types:
+                metric(event, now)
+            else:
+                other(event, now)
         self.applied += len(events)
         if now >= self._next_expiry:
             self.expire(now)
@@ -427,38 +431,44 @@ class NodeGraph:
     # metrics --------------------------------------------------------------------
     def _apply_metric(self, event: Event, now: int) -> None:
         # The ingest hot path: one call per sample, so lookups are kept to the minimum.
-        res = self._resource(event.entity, now)
+        ts, etype, entity, value, pid, job, _attrs = event
+        resources = self.resources
+        res = resources.get(entity)
+        if res is None:
+            res = self._new_resource(entity, now)
+        else:
+            resources.move_to_end(entity)
         res.last_recv = now
-        if event.pid is None:
-            previous = res.metrics.get(event.type)
-            if previous is not None and event.ts > previous.ts:
+        if pid is None:
+            metrics = res.metrics
+            previous = metrics.get(etype)
+            if previous is not None and ts > previous.ts:
                 # A moving estimate of the sample interval, for staleness.
-                res.interval_ms = min(max((res.interval_ms * 3 + (event.ts - previous.ts)) // 4, 100), 600_000)
-            res.metrics[event.type] = event
+                res.interval_ms = min(max((res.interval_ms * 3 + (ts - previous.ts)) // 4, 100), 600_000)
+            metrics[etype] = event
             return
-        proc = self.processes.get(event.pid)
-        if proc is None or (event.job and proc.job is None):
+        proc = self.processes.get(pid)
+        if proc is None or (job and proc.job is None):
             proc = self._process_for(event)
-        usage = proc.consumes.get(event.entity)
+        usage = proc.consumes.get(entity)
         if usage is None:
-            usage = proc.consumes[event.entity] = Usage(event.entity)
+            usage = proc.consumes[entity] = Usage(entity)
         if proc.ended_recv is None:
-            res.consumers.add(proc.pid)
-        etype = event.type
+            res.consumers.add(pid)
         if etype is EventType.COMPUTE_MEM:
             usage.mem = event
         elif etype is EventType.TRANSPORT_BW:
             usage.util = event
-            gbps = as_float(event.value)
-            if event.value == "IO_WAIT" or (gbps is not None and gbps <= self.limits.stall_gbps):
-                self._wait(proc, event.entity, "stalled", event)
-            else:
-                proc.waits.pop(event.entity, None)
+            gbps = as_float(value)
+            if value == "IO_WAIT" or (gbps is not None and gbps <= self.limits.stall_gbps):
+                self._wait(proc, entity, "stalled", event)
+            elif proc.waits:
+                proc.waits.pop(entity, None)
                 self._progress(proc)
         else:
             usage.util = event
-            if etype is EventType.COMPUTE_UTIL and proc.waits:
-                util = as_float(event.value)
+            if proc.waits and etype is EventType.COMPUTE_UTIL:
+                util = as_float(value)
                 if util is not None and util >= self.limits.busy_util_pct:
                     self._progress(proc)
 
@@ -472,11 +482,14 @@ class NodeGraph:
     def _resource(self, entity: str, now: int) -> Resource:
         res = self.resources.get(entity)
         if res is None:
-            res = self.resources[entity] = Resource(entity, now, self.limits.default_interval_ms)
-            if len(self.resources) > self.limits.max_resources:
-                self._evict_resource(res)
-        else:
-            self.resources.move_to_end(entity)
+            return self._new_resource(entity, now)
+        self.resources.move_to_end(entity)
+        return res
+
+    def _new_resource(self, entity: str, now: int) -> Resource:
+        res = self.resources[entity] = Resource(entity, now, self.limits.default_interval_ms)
+        if len(self.resources) > self.limits.max_resources:
+            self._evict_resource(res)
         return res
 
     def _evict_resource(self, new: Resource) -> None:

@@ -31,7 +31,7 @@ from xctl.core.errors import (
     UsageError,
     XctlError,
 )
-from xctl.core.events import Event
+from xctl.core.events import Event, events_from_wire
 from xctl.wire.codec import PROTOCOL_VERSION
 
 T = TypeVar("T")
@@ -188,18 +188,13 @@ def _events(obj: Mapping[str, Any], limit: int | None) -> tuple[tuple[Event, ...
     items = _req(obj, "events", list)
     if limit is not None and len(items) > limit:
         raise ProtocolError("bad_schema", f"events: expected at most {limit} events, got {len(items)}")
-    good: list[Event] = []
-    count = 0
+    good, bad = events_from_wire(items)
+    count = len(bad)
     errors: list[EventError] = []
-    for i, item in enumerate(items):
-        try:
-            good.append(Event.from_wire(item))
-        except EventError as exc:
-            count += 1
-            if len(errors) < MAX_REJECT_DETAIL:
-                text, prefix = str(exc), f"{exc.field}: "
-                detail = text.removeprefix(prefix)
-                errors.append(EventError(f"events[{i}].{exc.field}", exc.expected, exc.got, detail=detail))
+    for i, exc in bad[:MAX_REJECT_DETAIL]:
+        text, prefix = str(exc), f"{exc.field}: "
+        detail = text.removeprefix(prefix)
+        errors.append(EventError(f"events[{i}].{exc.field}", exc.expected, exc.got, detail=detail))
     return tuple(good), (Rejects(count, tuple(errors)) if count else NO_REJECTS)
 
 
