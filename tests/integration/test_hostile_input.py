@@ -8,6 +8,9 @@ import msgpack
 import zmq
 from conftest import Cluster, wait_for
 
+from xctl.core.events import Event, EventType
+from xctl.wire.framing import batch_frames, control_frames, read_control
+from xctl.wire.messages import ErrorMessage, EventBatch, Hello
 from xctl.wire.sockets import endpoints
 
 GARBAGE: list[bytes] = [
@@ -84,5 +87,49 @@ def test_hostile_frames_on_every_port_are_counted_and_dropped(cluster: Cluster) 
         assert cluster.query("health")["ok"] is True
         assert cluster.query("nodes")["items"] == []
         assert "Traceback" not in agg.output()
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_invented_node_names_are_capped_and_known_nodes_keep_flowing(cluster: Cluster) -> None:
+    """Without CURVE anyone can name nodes: past --max-nodes new names are refused and
+    counted, while the nodes already known keep being updated."""
+    cluster.aggregator("--max-nodes", "2")
+    cluster.agent("real1", "sim:gpus=1,ranks=1,nodes=1,index=0,interval=200ms")
+    wait_for(lambda: "real1" in {n["node"] for n in cluster.query("nodes")["items"]}, timeout=10, what="real1")
+    eps = endpoints("127.0.0.1", cluster.port)
+    ctx = zmq.Context()
+    try:
+        pub = ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.connect(eps.events)
+        ev = Event(1_700_000_000_000, EventType.COMPUTE_UTIL, "gpu-0", "50")
+
+        def flood_refused() -> bool:
+            for i in range(50):
+                pub.send_multipart(batch_frames(EventBatch(f"fake{i}", "e", 1, ev.ts, (ev,))))
+            return dropped(cluster).get("node_limit", 0) > 0
+
+        wait_for(flood_refused, timeout=10, what="invented nodes to be refused", interval=0.2)
+        names = {n["node"] for n in cluster.query("nodes")["items"]}
+        assert len(names) <= 2 and "real1" in names
+
+        # A hello from yet another new node is answered with the reason, not left waiting.
+        control = ctx.socket(zmq.DEALER)
+        control.setsockopt(zmq.LINGER, 0)
+        control.setsockopt(zmq.ROUTING_ID, b"fake99/e")
+        control.connect(eps.control)
+        control.send_multipart(control_frames(Hello("fake99", "e", "0", (), 1)))
+        assert control.poll(5000), "no reply to a hello past the node limit"
+        reply = read_control(control.recv())
+        assert isinstance(reply, ErrorMessage) and reply.code == "NODE_LIMIT"
+        assert "--max-nodes 2" in reply.message
+
+        # The known node still flows: its event count keeps growing.
+        def real1_events() -> int:
+            return next(n["events"] for n in cluster.query("nodes")["items"] if n["node"] == "real1")
+
+        before = real1_events()
+        wait_for(lambda: real1_events() > before, timeout=10, what="real1's events to keep arriving")
     finally:
         ctx.destroy(linger=0)

@@ -89,6 +89,9 @@ INSECURE_WARNING_S: Final = 3600.0
 REFUSAL_LOG_S: Final = 10.0
 
 
+DEFAULT_MAX_NODES: Final = 10_000
+
+
 @dataclass
 class AggregatorConfig:
     bind: str = "127.0.0.1"
@@ -106,6 +109,10 @@ class AggregatorConfig:
     keys: str | None = None
     #: Allow plaintext on an address other than loopback (warned about every hour).
     insecure: bool = False
+    #: Distinct node names kept at most. Without CURVE anyone who reaches the ports can name
+    #: nodes, so beyond this new names are refused (counted as ``node_limit``) rather than
+    #: growing memory without bound; known nodes are never refused.
+    max_nodes: int = DEFAULT_MAX_NODES
 
 
 @dataclass
@@ -338,6 +345,8 @@ class Aggregator:
             self.drops.count("events_identity_mismatch")
             self._refusal("event batch refused", f"{who.label} may not publish for node {batch.node!r}")
             return
+        if not self._admit(batch.node):
+            return
         if rejects:
             self.drops.count("bad_event", rejects.count)
         self.batches += 1
@@ -380,6 +389,9 @@ class Aggregator:
                 self._refusal("control message refused", claimed)
                 self._send(sock, routing_id, ErrorMessage("NOT_AUTHORISED", claimed))
                 return
+            if not self._admit(node):
+                self._send(sock, routing_id, ErrorMessage("NODE_LIMIT", self._node_limit_detail(node)))
+                return
             self.cluster.seen(node)
         if isinstance(message, Hello):
             self._on_hello(routing_id, message, who)
@@ -394,6 +406,24 @@ class Aggregator:
             self.commands.on_ack(message)
         else:
             self.drops.count("control_unexpected")
+
+    def _admit(self, node: str) -> bool:
+        """A known node always; a new one while fewer than ``max_nodes`` are known."""
+        status = self.cluster.status
+        if node in status or len(status) < self.config.max_nodes:
+            return True
+        self.drops.count("node_limit")
+        # One log line per REFUSAL_LOG_S however many names a flood invents.
+        self._refusal("message from a new node refused", self._node_limit_detail())
+        log.debug("node limit: refused new node %.64r", node)
+        return False
+
+    def _node_limit_detail(self, node: str | None = None) -> str:
+        which = "a new node" if node is None else f"node {node[:64]!r}"
+        return (
+            f"{which} would exceed --max-nodes {self.config.max_nodes}; raise it if the cluster "
+            "is that large, or use --keys so that only enrolled agents can name nodes"
+        )
 
     def _identity_ok(self, routing_id: bytes, node: str, who: Identity | None = None) -> bool:
         """With CURVE: the authenticated key is the agent key of ``node``. Without: the routing

@@ -19,7 +19,7 @@ from xctl.agent.actuator import Actuator, NvmlGpuPids
 from xctl.agent.daemon import Agent, AgentConfig
 from xctl.aggregator.metrics import DEFAULT_METRICS_PORT
 from xctl.aggregator.queries import Enricher
-from xctl.aggregator.server import Aggregator, AggregatorConfig, check_plaintext_bind
+from xctl.aggregator.server import DEFAULT_MAX_NODES, Aggregator, AggregatorConfig, check_plaintext_bind
 from xctl.cli import config, render
 from xctl.cli.common import guarded
 from xctl.core.cluster import LivenessConfig
@@ -332,6 +332,13 @@ def agent(
     is_flag=True,
     help="allow plaintext (no --keys) on an address other than loopback; warned about every hour",
 )
+@click.option(
+    "--max-nodes",
+    type=click.IntRange(1),
+    default=DEFAULT_MAX_NODES,
+    show_default=True,
+    help="distinct node names kept at most; messages naming more new nodes are refused and counted",
+)
 @_with(liveness_options)
 @guarded
 def aggregator(
@@ -343,6 +350,7 @@ def aggregator(
     rules_dirs: tuple[Path, ...],
     keys: str | None,
     insecure: bool,
+    max_nodes: int,
     suspect_after: float,
     dead_after: float,
 ) -> None:
@@ -369,6 +377,7 @@ def aggregator(
             audit_log=audit_log,
             keys=keys_dir,
             insecure=insecure,
+            max_nodes=max_nodes,
         ),
         enrich=load_enricher(rules_dirs),
     )
