@@ -29,6 +29,15 @@ GARBAGE: list[bytes] = [
 ]
 
 
+def _connected(ctx: zmq.Context[bytes], kind: int, endpoint: str, routing_id: bytes | None = None) -> zmq.Socket[bytes]:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    if routing_id is not None:
+        sock.setsockopt(zmq.ROUTING_ID, routing_id)
+    sock.connect(endpoint)
+    return sock
+
+
 def dropped(cluster: Cluster) -> dict[str, int]:
     return cluster.query("health")["counters"]["dropped"]
 
@@ -38,9 +47,7 @@ def test_hostile_frames_on_every_port_are_counted_and_dropped(cluster: Cluster) 
     eps = endpoints("127.0.0.1", cluster.port)
     ctx = zmq.Context()
     try:
-        pub = ctx.socket(zmq.PUB)
-        pub.setsockopt(zmq.LINGER, 0)
-        pub.connect(eps.events)
+        pub = _connected(ctx, zmq.PUB, eps.events)
 
         def events_counted() -> bool:
             for payload in GARBAGE:
@@ -52,10 +59,7 @@ def test_hostile_frames_on_every_port_are_counted_and_dropped(cluster: Cluster) 
         # PUB/SUB joins late: keep sending until the aggregator has seen (and counted) them.
         wait_for(events_counted, timeout=10, what="hostile event frames to be counted", interval=0.2)
 
-        control = ctx.socket(zmq.DEALER)
-        control.setsockopt(zmq.LINGER, 0)
-        control.setsockopt(zmq.ROUTING_ID, b"mallory/1")
-        control.connect(eps.control)
+        control = _connected(ctx, zmq.DEALER, eps.control, b"mallory/1")
         for payload in GARBAGE:
             control.send(payload)
         control.send_multipart([b"a", b"b", b"c"])
@@ -100,9 +104,7 @@ def test_invented_node_names_are_capped_and_known_nodes_keep_flowing(cluster: Cl
     eps = endpoints("127.0.0.1", cluster.port)
     ctx = zmq.Context()
     try:
-        pub = ctx.socket(zmq.PUB)
-        pub.setsockopt(zmq.LINGER, 0)
-        pub.connect(eps.events)
+        pub = _connected(ctx, zmq.PUB, eps.events)
         ev = Event(1_700_000_000_000, EventType.COMPUTE_UTIL, "gpu-0", "50")
 
         def flood_refused() -> bool:
@@ -115,10 +117,7 @@ def test_invented_node_names_are_capped_and_known_nodes_keep_flowing(cluster: Cl
         assert len(names) <= 2 and "real1" in names
 
         # A hello from yet another new node is answered with the reason, not left waiting.
-        control = ctx.socket(zmq.DEALER)
-        control.setsockopt(zmq.LINGER, 0)
-        control.setsockopt(zmq.ROUTING_ID, b"fake99/e")
-        control.connect(eps.control)
+        control = _connected(ctx, zmq.DEALER, eps.control, b"fake99/e")
         control.send_multipart(control_frames(Hello("fake99", "e", "0", (), 1)))
         assert control.poll(5000), "no reply to a hello past the node limit"
         reply = read_control(control.recv())
