@@ -17,9 +17,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from waiting import wait_for
 
 from xctl.core.errors import XctlError
 from xctl.wire.client import QueryClient
@@ -27,6 +27,9 @@ from xctl.wire.sockets import endpoints
 
 NODES = ("nodeA", "nodeB", "nodeC")
 PORT = 7400
+# Waits poll the aggregator every POLL_S; an XctlError there (no answer yet) counts as "not yet".
+POLL_S = 0.2
+NOT_YET = (XctlError,)
 
 
 def _sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -108,21 +111,6 @@ def net(tmp_path: Path) -> Iterator[Net]:
         n.teardown()
 
 
-def wait_for(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except XctlError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-
-
 def test_colliding_pids_resolve_per_node_and_a_cut_link_recovers(net: Net) -> None:
     head_ip = f"{net.subnet}.1"
     xctl = [sys.executable, "-m", "xctl.cli.main", "--log-level", "info"]
@@ -143,7 +131,7 @@ def test_colliding_pids_resolve_per_node_and_a_cut_link_recovers(net: Net) -> No
             rows = client.request("ps", {})["items"]
             return {r["node"] for r in rows if r["pid"] == 2} == set(NODES)
 
-        wait_for(all_nodes_report_pid_2, 30, "pid 2 on all three nodes")
+        wait_for(all_nodes_report_pid_2, timeout=30, what="pid 2 on all three nodes", interval=POLL_S, ignoring=NOT_YET)
         why = client.request("why", {"target": "nodeB:2"})
         assert why["target"]["node"] == "nodeB"
         assert why["target"]["pid"] == 2
@@ -158,14 +146,16 @@ def test_colliding_pids_resolve_per_node_and_a_cut_link_recovers(net: Net) -> No
         cut_at = time.monotonic()
         _sh("ip", "link", "set", net.veth["nodeB"], "down")
         try:
-            wait_for(lambda: liveness("nodeB") == "suspect", 5, "nodeB suspect while cut")
+            wait_for(lambda: liveness("nodeB") == "suspect", timeout=5, what="nodeB suspect while cut", interval=POLL_S,
+                     ignoring=NOT_YET)
             assert liveness("nodeA") == "alive"
             while time.monotonic() - cut_at < 10:
                 assert liveness("nodeB") in ("suspect", "dead")
                 time.sleep(0.5)
         finally:
             _sh("ip", "link", "set", net.veth["nodeB"], "up")
-        wait_for(lambda: liveness("nodeB") == "alive", 20, "nodeB alive after the link is back")
+        wait_for(lambda: liveness("nodeB") == "alive", timeout=20, what="nodeB alive after the link is back",
+                 interval=POLL_S, ignoring=NOT_YET)
 
         def complete() -> bool:
             rows = client.request("ps", {"node": "nodeB"})["items"]
@@ -174,4 +164,4 @@ def test_colliding_pids_resolve_per_node_and_a_cut_link_recovers(net: Net) -> No
                 r["pid"] == 2 and "workload of nodeB" in (r["cmdline"] or "") for r in rows
             )
 
-        wait_for(complete, 20, "nodeB's complete state after the cut")
+        wait_for(complete, timeout=20, what="nodeB's complete state after the cut", interval=POLL_S, ignoring=NOT_YET)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from waiting import wait_for
 
 from xctl.core.errors import ProbeError
 from xctl.core.events import MAX_LINE_BYTES, Event, EventType
@@ -65,14 +66,6 @@ class Harness:
         return time.monotonic() - began
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
-
-
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -103,8 +96,8 @@ def harness() -> Iterator[Callable[..., Harness]]:
 
 def test_good_lines_emitted_bad_lines_counted(harness: Callable[..., Harness]) -> None:
     h = harness("mixed")
-    wait_for(lambda: len(h.events) >= 2)
-    wait_for(lambda: len(h.bad) >= 4)
+    wait_for(lambda: len(h.events) >= 2, timeout=5.0, what="two events")
+    wait_for(lambda: len(h.bad) >= 4, timeout=5.0, what="four bad lines")
     h.stop()
     assert [e.value for e in h.events] == ["10", "20"]
     first = h.events[0]
@@ -126,7 +119,7 @@ def test_bad_lines_logged_at_most_once_per_window(
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="xctl.probes.exec_probe"):
         h = harness("mixed")
-        wait_for(lambda: len(h.bad) >= 4)
+        wait_for(lambda: len(h.bad) >= 4, timeout=5.0, what="four bad lines")
         h.stop()
     rejected = [r for r in caplog.records if "rejected a line" in r.getMessage()]
     assert len(rejected) == 1
@@ -152,28 +145,28 @@ def test_clean_exit_still_counts_as_ended(harness: Callable[..., Harness]) -> No
 
 def test_stop_terminates_child_quickly(harness: Callable[..., Harness]) -> None:
     h = harness("sleep")
-    wait_for(lambda: len(h.events) >= 1)
+    wait_for(lambda: len(h.events) >= 1, timeout=5.0, what="an event")
     child = h.events[0].pid
     assert child is not None
     assert pid_alive(child)
     assert h.stop() < 2.0
     assert not h.error  # stopping is not a crash
-    wait_for(lambda: not pid_alive(child), timeout=2.0)
+    wait_for(lambda: not pid_alive(child), timeout=2.0, what="the child to end")
 
 
 def test_child_ignoring_sigterm_is_killed(harness: Callable[..., Harness]) -> None:
     h = harness("stubborn", term_grace_s=0.3)
-    wait_for(lambda: len(h.events) >= 1)
+    wait_for(lambda: len(h.events) >= 1, timeout=5.0, what="an event")
     child = h.events[0].pid
     assert child is not None
     elapsed = h.stop()
     assert 0.3 <= elapsed < 2.0
-    wait_for(lambda: not pid_alive(child), timeout=2.0)
+    wait_for(lambda: not pid_alive(child), timeout=2.0, what="the child to end")
 
 
 def test_line_claiming_another_node_is_refused(harness: Callable[..., Harness]) -> None:
     h = harness("other-node")
-    wait_for(lambda: len(h.events) >= 1)
+    wait_for(lambda: len(h.events) >= 1, timeout=5.0, what="an event")
     h.stop()
     assert h.bad == ["wrong_node"]
     assert [e.value for e in h.events] == ["2"]
@@ -181,7 +174,7 @@ def test_line_claiming_another_node_is_refused(harness: Callable[..., Harness]) 
 
 def test_oversized_line_is_dropped_and_next_line_survives(harness: Callable[..., Harness]) -> None:
     h = harness("long-line")
-    wait_for(lambda: len(h.events) >= 1)
+    wait_for(lambda: len(h.events) >= 1, timeout=5.0, what="an event")
     h.stop()
     assert h.bad == ["line_too_long"]
     assert [e.value for e in h.events] == ["after"]
@@ -190,8 +183,9 @@ def test_oversized_line_is_dropped_and_next_line_survives(harness: Callable[...,
 def test_stderr_is_logged_bounded(harness: Callable[..., Harness], caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="xctl.probes.exec_probe"):
         h = harness("stderr")
-        wait_for(lambda: len(h.events) >= 1)
-        wait_for(lambda: sum("stderr" in r.getMessage() for r in caplog.records) >= 2)
+        wait_for(lambda: len(h.events) >= 1, timeout=5.0, what="an event")
+        wait_for(lambda: sum("stderr" in r.getMessage() for r in caplog.records) >= 2, timeout=5.0,
+                 what="two stderr lines logged")
         h.stop()
     messages = [r.getMessage() for r in caplog.records if "stderr" in r.getMessage()]
     assert any("warming up" in m for m in messages)
@@ -207,7 +201,7 @@ def test_grandchild_holding_stdout_does_not_hide_exit(harness: Callable[..., Har
     assert "exited with code 3" in str(h.error[0])
     grandchild = h.events[0].pid
     assert grandchild is not None
-    wait_for(lambda: not pid_alive(grandchild), timeout=2.0)  # the process group was cleaned up
+    wait_for(lambda: not pid_alive(grandchild), timeout=2.0, what="the grandchild to end")  # the group was cleaned up
 
 
 def test_missing_executable_is_a_probe_error() -> None:

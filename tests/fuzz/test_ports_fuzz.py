@@ -38,6 +38,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
+from waiting import wait_for
 
 from xctl.cli.daemons import free_port_base
 from xctl.core.errors import ProtocolError, XctlError
@@ -67,6 +68,9 @@ XCTL = [sys.executable, "-m", "xctl.cli.main", "--log-level", "warning"]
 #: exceed it long before 100,000 frames.
 RSS_BOUND_MIB = 64 + FRAMES // 2000
 FUZZER = "fuzzer"
+# Waits poll the daemons every POLL_S; an XctlError there (no answer yet) counts as "not yet".
+POLL_S = 0.1
+NOT_YET = (XctlError,)
 
 E = [
     Event(1_732_350_000_123, EventType.ERROR_HW, "gpu-3", "XID_79", 4812, None, {"pci": "0000:3b:00.0"}),
@@ -220,21 +224,6 @@ def rss_kib(pid: int) -> int:
     return int(match.group(1))
 
 
-def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except XctlError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
-
-
 class Proc:
     def __init__(self, args: list[str], log: Path) -> None:
         self.log = log
@@ -341,7 +330,7 @@ def test_every_aggregator_port_survives_fuzzing(tmp_path: Path, ctx: zmq.Context
     agg = Proc(["aggregator", "--port", str(port), "--metrics-port", "0"], tmp_path / "aggregator.log")
     procs.append(agg)
     fz = AggregatorFuzz(ctx, port, rng)
-    wait_until(fz.health, 15, "the aggregator")
+    wait_for(fz.health, timeout=15, what="the aggregator", interval=POLL_S, ignoring=NOT_YET)
     # A real agent reports first; it is stopped before the fuzzing so the counters see only
     # the fuzzer; its view must survive, and a new agent must get in afterwards.
     agent = Proc(["agent", "--aggregator", f"127.0.0.1:{port}", "--node", "real1", "--probe",
@@ -352,7 +341,11 @@ def test_every_aggregator_port_survives_fuzzing(tmp_path: Path, ctx: zmq.Context
         rows = fz.client.request("ps", {"node": "real1"})["items"]
         return {r["pid"] for r in rows if r["state"] == "running"}
 
-    pids_before = wait_until(lambda: len(real_ps()) >= 2 and real_ps(), 20, "real1's processes")
+    def two_running() -> set[int] | None:
+        pids = real_ps()
+        return pids if len(pids) >= 2 else None
+
+    pids_before = wait_for(two_running, timeout=20, what="real1's processes", interval=POLL_S, ignoring=NOT_YET)
     why_before = fz.client.request("why", {"target": f"real1:{min(pids_before)}"})
     agent.stop()
     time.sleep(0.5)
@@ -383,7 +376,8 @@ def test_every_aggregator_port_survives_fuzzing(tmp_path: Path, ctx: zmq.Context
             continue
         sent += 1
         expected_drops += _expect_event_drop(frames)
-    after = wait_until(lambda: _caught_up(fz, before, "events", sent), 120, "the aggregator to read every event frame")
+    after = wait_for(lambda: _caught_up(fz, before, "events", sent), timeout=120,
+                     what="the aggregator to read every event frame", interval=POLL_S, ignoring=NOT_YET)
     got_drops = _drops(after, "events_") - _drops(before, "events_")
     got_batches = after["batches"] - before["batches"]
     assert got_drops == expected_drops, (got_drops, expected_drops, after["dropped"])
@@ -408,8 +402,8 @@ def test_every_aggregator_port_survives_fuzzing(tmp_path: Path, ctx: zmq.Context
         expected_drops += _expect_control_drop(frames)
         if i % 200 == 0:
             _discard(dealer)
-    after = wait_until(lambda: _caught_up(fz, before, "control", sent, drain=dealer), 120,
-                       "the aggregator to read every control frame")
+    after = wait_for(lambda: _caught_up(fz, before, "control", sent, drain=dealer), timeout=120,
+                     what="the aggregator to read every control frame", interval=POLL_S, ignoring=NOT_YET)
     send_side = ("control_send_again", "control_unroutable")
     got_drops = _drops(after, "control_", send_side) - _drops(before, "control_", send_side)
     assert got_drops == expected_drops, (got_drops, expected_drops, after["dropped"])
@@ -432,7 +426,8 @@ def test_every_aggregator_port_survives_fuzzing(tmp_path: Path, ctx: zmq.Context
         expected_drops += _expect_query_drop(frames)
         if i % 100 == 0:
             replies += _discard(query)
-    after = wait_until(lambda: _caught_up(fz, before, "query", sent), 120, "the aggregator to read every query frame")
+    after = wait_for(lambda: _caught_up(fz, before, "query", sent), timeout=120,
+                     what="the aggregator to read every query frame", interval=POLL_S, ignoring=NOT_YET)
     replies += _discard(query, wait_ms=500)
     send_side = ("query_reply_dropped",)
     got_drops = _drops(after, "query_", send_side) - _drops(before, "query_", send_side)
@@ -475,8 +470,10 @@ def test_every_aggregator_port_survives_fuzzing(tmp_path: Path, ctx: zmq.Context
         nodes = fz.client.request("nodes", {})["items"]
         return any(n["node"] == "real2" and n["state"] == "alive" for n in nodes)
 
-    wait_until(real2_alive, 20, "a new agent to get in after the fuzzing")
-    wait_until(lambda: fz.client.request("ps", {"node": "real2"})["items"], 20, "real2's processes in ps")
+    wait_for(real2_alive, timeout=20, what="a new agent to get in after the fuzzing", interval=POLL_S,
+             ignoring=NOT_YET)
+    wait_for(lambda: fz.client.request("ps", {"node": "real2"})["items"], timeout=20, what="real2's processes in ps",
+             interval=POLL_S, ignoring=NOT_YET)
     rss_after = rss_kib(agg.proc.pid)
     report["rss_mib"] = {"before": round(rss_before / 1024, 1), "after": round(rss_after / 1024, 1),
                          "bound": RSS_BOUND_MIB}
@@ -575,7 +572,8 @@ def test_the_agent_control_socket_survives_fuzzing(tmp_path: Path, ctx: zmq.Cont
                 return rid
 
     rid = hello()
-    metrics_before = wait_until(lambda: _agent_metrics(mport), 15, "the agent's /metrics")
+    metrics_before = wait_for(lambda: _agent_metrics(mport), timeout=15, what="the agent's /metrics", interval=POLL_S,
+                              ignoring=NOT_YET)
     time.sleep(0.3)
     rss_before = rss_kib(agent.proc.pid)
     received_before = _agent_received(_agent_metrics(mport))
@@ -604,7 +602,8 @@ def test_the_agent_control_socket_survives_fuzzing(tmp_path: Path, ctx: zmq.Cont
         m = _agent_metrics(mport)
         return m if _agent_received(m) - received_before >= sent else None
 
-    metrics_after = wait_until(caught_up, 120, "the agent to read every control frame")
+    metrics_after = wait_for(caught_up, timeout=120, what="the agent to read every control frame", interval=POLL_S,
+                             ignoring=NOT_YET)
     got_received = _agent_received(metrics_after) - received_before
     got_drops = _agent_drops(metrics_after) - _agent_drops(metrics_before)
     assert got_received == sent
@@ -621,7 +620,7 @@ def test_the_agent_control_socket_survives_fuzzing(tmp_path: Path, ctx: zmq.Cont
                 return msg["node"] == "fz"
         return False
 
-    wait_until(snapshot, 10, "a snapshot after the fuzzing")
+    wait_for(snapshot, timeout=10, what="a snapshot after the fuzzing", interval=POLL_S, ignoring=NOT_YET)
 
     # An oversized frame: libzmq drops the agent's connection; the agent replaces it after
     # its silence timeout (a new routing id) and says hello again.

@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import waiting
 
 from xctl.cli.daemons import free_port_base
 from xctl.core.errors import XctlError
@@ -23,19 +23,8 @@ XCTL = [sys.executable, "-m", "xctl.cli.main"]
 
 
 def wait_for(check: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.05) -> T:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except XctlError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+    """``waiting.wait_for`` for the daemons here: an XctlError (no answer yet) counts as "not yet"."""
+    return waiting.wait_for(check, timeout=timeout, what=what, interval=interval, ignoring=(XctlError,))
 
 
 class Daemon:

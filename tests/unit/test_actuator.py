@@ -17,34 +17,23 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 import pytest
+from waiting import wait_for
 
 from xctl.agent.actuator import Actuator, ProcView, parse_signal
 from xctl.core.errors import UsageError
 from xctl.core.events import EventType
 from xctl.wire.messages import Command
 
-T = TypeVar("T")
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 _spec = importlib.util.spec_from_file_location("zaptree", FIXTURES / "zaptree.py")
 assert _spec is not None and _spec.loader is not None
 zaptree = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(zaptree)
 Tree = zaptree.Tree
-
-
-def wait_for(check: Callable[[], T | None], *, timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 @pytest.fixture

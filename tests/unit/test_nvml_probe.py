@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from fake_nvml import (
@@ -21,6 +21,7 @@ from fake_nvml import (
     H100_UUID,
     FakeNvml,
 )
+from waiting import wait_for
 
 from xctl.core.clock import ManualClock
 from xctl.core.errors import ProbeError
@@ -82,15 +83,6 @@ def one(
     found = of(events, etype, value, entity, **kw)  # type: ignore[arg-type]
     assert len(found) == 1, (etype, value, entity, events)
     return found[0]
-
-
-def wait_for(cond: Callable[[], bool], timeout_s: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
 
 
 IDENT = GpuIdentity(0, H100_UUID, H100_BUS, H100_NAME)
@@ -435,7 +427,8 @@ class TestWrapper:
         nv.close()
 
     def test_too_many_stuck_workers_refuse_a_new_wrapper(self, fake: FakeNvml, monkeypatch: pytest.MonkeyPatch) -> None:
-        assert wait_for(lambda: nvml_wrap.abandoned_workers() == 0)  # earlier tests' released hangs
+        wait_for(lambda: nvml_wrap.abandoned_workers() == 0, timeout=3.0,
+                 what="earlier tests' released hangs to end")
         monkeypatch.setattr(nvml_wrap, "MAX_ABANDONED", 1)
         release = fake.hang("nvmlDeviceGetCount")
         nv = Nvml(fake, timeout_s=0.1)
@@ -444,7 +437,7 @@ class TestWrapper:
         with pytest.raises(ProbeError, match="still hung"):
             Nvml(fake)
         release.set()
-        assert wait_for(lambda: nvml_wrap.abandoned_workers() == 0)
+        wait_for(lambda: nvml_wrap.abandoned_workers() == 0, timeout=3.0, what="the released worker to end")
         Nvml(fake).close()
 
 
@@ -686,7 +679,7 @@ def test_xid_thread_reports_xids_and_stops_quickly(fake: FakeNvml, probes: list[
     assert probe.start_xid(got.append, clock)
     assert probe.xid_running()
     fake.xid(0, 31)
-    assert wait_for(lambda: len(got) == 1)
+    wait_for(lambda: len(got) == 1, timeout=3.0, what="one XID event")
     ev = got[0]
     assert (ev.type, ev.entity, ev.value, ev.pid, ev.ts) == (ERR, "gpu-0", "XID_31", None, T0)
     assert ev.attrs["source"] == "nvml"
@@ -723,10 +716,10 @@ def test_run_loop_samples_relays_xids_and_stops(fake: FakeNvml) -> None:
     c = _Ctx()
     thread = threading.Thread(target=probe.run, args=(c.ctx,), daemon=True)
     thread.start()
-    assert wait_for(lambda: c.beats >= 2)
+    wait_for(lambda: c.beats >= 2, timeout=3.0, what="two heartbeats")
     assert probe.xid_running()
     fake.xid(0, 79)
-    assert wait_for(lambda: bool(of(list(c.events), ERR, "XID_79", "gpu-0")))
+    wait_for(lambda: of(list(c.events), ERR, "XID_79", "gpu-0"), timeout=3.0, what="the XID 79 event")
     c.ctx.stop.set()
     thread.join(2.0)
     assert not thread.is_alive()
@@ -740,11 +733,11 @@ def test_run_loop_stops_beating_when_hung(fake: FakeNvml) -> None:
     c = _Ctx()
     thread = threading.Thread(target=probe.run, args=(c.ctx,), daemon=True)
     thread.start()
-    assert wait_for(lambda: c.beats >= 1)
+    wait_for(lambda: c.beats >= 1, timeout=3.0, what="a heartbeat")
     fake.hang("nvmlDeviceGetMemoryInfo")
-    assert wait_for(lambda: bool(of(list(c.events), ERR, "PROBE_HUNG")), HUNG_TIMEOUT_S + 2)
+    wait_for(lambda: of(list(c.events), ERR, "PROBE_HUNG"), timeout=HUNG_TIMEOUT_S + 2, what="PROBE_HUNG")
     beats = c.beats
-    assert wait_for(lambda: not probe.xid_running())
+    wait_for(lambda: not probe.xid_running(), timeout=3.0, what="the XID thread to stop")
     assert c.beats == beats  # no beat after the hang: the supervisor reports it and restarts
     c.ctx.stop.set()
     thread.join(2.0)
@@ -766,7 +759,7 @@ def test_supervisor_reports_the_hung_probe_and_restarts_it(fake: FakeNvml) -> No
     slot = sup.add("nvml", factory)
     sup.start()
     try:
-        assert wait_for(lambda: any(e.type is UTIL for e in sup.drain()))
+        wait_for(lambda: any(e.type is UTIL for e in sup.drain()), timeout=3.0, what="a utilisation sample")
         release = fake.hang("nvmlDeviceGetMemoryInfo")
         events: list[Event] = []
 
@@ -775,7 +768,7 @@ def test_supervisor_reports_the_hung_probe_and_restarts_it(fake: FakeNvml) -> No
             events.extend(sup.drain())
             return len(of(events, ERR, "PROBE_HUNG", "probe:nvml")) >= 2
 
-        assert wait_for(hung_twice, 5.0)  # the probe's own (with fn) and the supervisor's
+        wait_for(hung_twice, timeout=5.0, what="two PROBE_HUNG")  # the probe's own (with fn) and the supervisor's
         assert of(events, ERR, "PROBE_HUNG", "probe:nvml")[0].attrs["fn"] == "nvmlDeviceGetMemoryInfo"
         release.set()  # the driver recovers: the restarted instance samples again
 
@@ -783,7 +776,7 @@ def test_supervisor_reports_the_hung_probe_and_restarts_it(fake: FakeNvml) -> No
             sup.check()
             return len(instances) >= 2 and any(e.type is UTIL for e in sup.drain())
 
-        assert wait_for(sampling_again, 5.0)
+        wait_for(sampling_again, timeout=5.0, what="the restarted probe to sample again")
         assert slot.hangs >= 1
     finally:
         fake.release_all()

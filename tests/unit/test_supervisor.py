@@ -5,10 +5,9 @@ from __future__ import annotations
 import select
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
 
 import pytest
+from waiting import wait_for
 
 from xctl.agent import supervisor as sup
 from xctl.agent.supervisor import Supervisor
@@ -18,16 +17,6 @@ from xctl.probes.base import ProbeContext
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 class Steady:
@@ -110,7 +99,7 @@ def test_several_probes_run_at_once_and_their_events_arrive() -> None:
             events.extend(s.drain())
             return len(events) >= 20
 
-        wait_for(collected)
+        wait_for(collected, timeout=5.0, what="20 events from the two probes")
         assert {slot.state for slot in s.slots} == {"running"}
         assert {slot.thread.name for slot in s.slots if slot.thread} == {"probe-a", "probe-b"}
     finally:
@@ -129,7 +118,7 @@ def test_a_crashing_probe_is_recorded_and_restarted_with_backoff(monkeypatch: py
             s.check()
             return Crasher.runs >= 3
 
-        wait_for(restarted_twice)
+        wait_for(restarted_twice, timeout=5.0, what="the crasher to be restarted twice")
         events = drained(s)
         crashed = [e for e in events if e.entity == "probe:crasher"]
         assert crashed
@@ -153,7 +142,7 @@ def test_a_hung_probe_is_reported_and_replaced_while_the_others_go_on() -> None:
             s.check()
             return hung.hangs >= 1
 
-        wait_for(reported)
+        wait_for(reported, timeout=5.0, what="the hung probe to be reported")
         events = drained(s)
         assert any(e.entity == "probe:hanger" and e.value == "PROBE_HUNG" for e in events)
         assert any(e.entity == "gpu-0" for e in events), "the healthy probe kept emitting"
@@ -169,7 +158,7 @@ def test_the_queue_is_bounded_drops_the_oldest_and_counts() -> None:
     s.add("flood", Flood)
     s.start()
     try:
-        wait_for(lambda: s.dropped >= 900)
+        wait_for(lambda: s.dropped >= 900, timeout=5.0, what="900 events to be dropped")
         events = drained(s)
         assert len(events) == 100
         assert [int(e.value) for e in events] == list(range(900, 1000)), "the newest are kept"
