@@ -142,6 +142,31 @@ def test_thermally_throttled_straggler_whose_peers_idle() -> None:
     assert straggler.verdict == "degraded"
 
 
+def test_a_later_hardware_slowdown_outranks_the_power_cap_a_busy_gpu_sat_at() -> None:
+    """A busy H100 sits at its power cap all day: that routine state began first, but the
+    hardware slowdown that came later is what made the rank slow."""
+    s = Scenario(nodes=1, ranks_per_node=2)
+    s.start_job()
+    s.emit("node0", EventType.ERROR_HW, "gpu-1", "CLOCK_EVENT_SW_POWER_CAP", power_w=700)
+    s.advance(60_000)
+    s.emit("node0", EventType.ERROR_HW, "gpu-1", "CLOCK_EVENT_HW_SLOWDOWN")
+    s.emit("node0", EventType.COMPUTE_UTIL, "gpu-1", "100", s.pid(1), s.job)
+    s.emit("node0", EventType.COMPUTE_UTIL, "gpu-0", "9", s.pid(0), s.job)
+    assert_root(why(s, "node0", s.pid(1)), "node0", "gpu-1", "CLOCK_EVENT_HW_SLOWDOWN")
+    assert_root(why(s, "node0", s.pid(0)), "node0", "gpu-1", "CLOCK_EVENT_HW_SLOWDOWN")
+
+
+def test_the_power_cap_is_blamed_when_it_is_all_there_is() -> None:
+    s = Scenario(nodes=1, ranks_per_node=2)
+    s.start_job()
+    s.emit("node0", EventType.ERROR_HW, "gpu-1", "CLOCK_EVENT_SW_POWER_CAP", power_w=300)
+    s.emit("node0", EventType.COMPUTE_UTIL, "gpu-1", "100", s.pid(1), s.job)
+    s.emit("node0", EventType.COMPUTE_UTIL, "gpu-0", "9", s.pid(0), s.job)
+    exp = why(s, "node0", s.pid(0))
+    assert_root(exp, "node0", "gpu-1", "CLOCK_EVENT_SW_POWER_CAP")
+    assert exp.verdict == "waiting"
+
+
 def test_pcie_link_degraded_to_x4() -> None:
     s = Scenario(nodes=1, ranks_per_node=4)
     s.start_job()

@@ -42,6 +42,9 @@ class CodeInfo:
     #: Only informs (corrected errors, a remap recorded): explains nothing while any other
     #: anomaly does — it is blamed only when it is all there is. Implies ``degrading``.
     informational: bool = False
+    #: Reached in normal operation (a busy GPU sitting at its power cap): blamed after every
+    #: other degradation however early it began, before informational signals.
+    routine: bool = False
     #: Codes on the same GPU whose presence makes this one a consequence of them.
     follows: frozenset[str] = frozenset()
 
@@ -104,7 +107,9 @@ _CODES: Final[dict[str, CodeInfo]] = {
     "CLOCK_EVENT_HW_SLOWDOWN": CodeInfo(Kind.HARDWARE, 40, "hardware slowdown of GPU clocks", degrading=True),
     "CLOCK_EVENT_HW_THERMAL": CodeInfo(Kind.THERMAL, 45, "GPU throttled: hardware thermal limit", degrading=True),
     "CLOCK_EVENT_HW_POWER_BRAKE": CodeInfo(Kind.POWER, 45, "GPU throttled: external power brake", degrading=True),
-    "CLOCK_EVENT_SW_POWER_CAP": CodeInfo(Kind.POWER, 20, "GPU clocks held by the power cap", degrading=True),
+    "CLOCK_EVENT_SW_POWER_CAP": CodeInfo(
+        Kind.POWER, 20, "GPU clocks held by the power cap", degrading=True, routine=True
+    ),
     "CLOCK_EVENT_SW_THERMAL": CodeInfo(Kind.THERMAL, 30, "GPU throttled: software thermal limit", degrading=True),
     "TEMP_HIGH": CodeInfo(Kind.THERMAL, 30, "GPU temperature high", degrading=True),
     "NVME_MEDIA_ERRORS": CodeInfo(Kind.STORAGE, 70, "NVMe media errors"),

@@ -71,7 +71,14 @@ class Finding:
 
     @property
     def order(self) -> tuple[int, int, int, str, str]:
-        tier = 2 if self.informational else 1 if self.degrading else 0
+        # Hard faults, then degradations, then routine states, then what only informs; the
+        # earliest first within a tier (the first fault causes the later ones).
+        if self.informational:
+            tier = 3
+        elif self.degrading:
+            tier = 2 if code_info(self.code).routine else 1
+        else:
+            tier = 0
         return (tier, self.first_ts, -self.severity, self.node, self.entity)
 
     def to_json(self) -> dict[str, Any]:
