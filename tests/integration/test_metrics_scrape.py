@@ -78,6 +78,11 @@ def test_aggregator_and_agents_serve_metrics_over_http(cluster: Cluster) -> None
     assert pick(own, "xctl_probe_up", Hostname="node1", probe="sim", state="running")[0][1] == 1
     assert pick(own, "xctl_agent_events_sent_total", Hostname="node1")[0][1] > 0
     assert pick(own, "xctl_agent_queue_dropped_total", Hostname="node1")[0][1] == 0
+    # What each sampling pass costs: counters here, the average in `xctl nodes`.
+    assert pick(own, "xctl_probe_cycles_total", Hostname="node1", probe="sim")[0][1] > 0
+    assert pick(own, "xctl_probe_cycle_seconds_total", Hostname="node1", probe="sim")[0][1] > 0
+    node1 = next(n for n in cluster.query("nodes")["items"] if n["node"] == "node1")
+    assert float(next(p for p in node1["probes"] if p["name"] == "sim")["cycle_ms"]) > 0
 
     # A clean stop takes the HTTP server down with it.
     cluster.close_client()

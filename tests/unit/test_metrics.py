@@ -371,7 +371,11 @@ def test_agent_collector_series(agent: Agent) -> None:
     agent.supervisor.dropped = 9
     agent.drops.count("pub_hwm", 5)
     agent.sent_events = 123
+    slot.record_cycle(0.002)
+    slot.record_cycle(0.004)
     types, samples = scrape(agent_registry(agent))
+    assert series(samples, "xctl_probe_cycles_total") == {lbl(Hostname="n7", probe="sim"): 2.0}
+    assert series(samples, "xctl_probe_cycle_seconds_total") == {lbl(Hostname="n7", probe="sim"): 0.006}
     assert series(samples, "xctl_probe_up") == {lbl(Hostname="n7", probe="sim", state="restarting"): 0.0}
     assert series(samples, "xctl_probe_restarts_total") == {lbl(Hostname="n7", probe="sim"): 2.0}
     assert series(samples, "xctl_probe_crashes_total") == {lbl(Hostname="n7", probe="sim"): 1.0}

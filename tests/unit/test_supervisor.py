@@ -12,7 +12,7 @@ from waiting import wait_for
 from xctl.agent import supervisor as sup
 from xctl.agent.supervisor import Supervisor
 from xctl.core.events import Event, EventType
-from xctl.probes.base import ProbeContext
+from xctl.probes.base import ProbeContext, run_every
 
 
 def now_ms() -> int:
@@ -178,6 +178,45 @@ def test_an_event_into_an_empty_queue_wakes_the_consumer() -> None:
         assert readable
         s.clear_wake()
         assert s.drain()
+    finally:
+        s.stop()
+        s.close()
+
+
+class Sampler:
+    """A sampling probe on the shared loop: each pass reads a file (real I/O) and takes a
+    known minimum time, so the reported pass cost can be checked from below."""
+
+    name = "sampler"
+    heartbeat_s: float | None = 5.0
+    PASS_S = 0.02
+
+    def describe(self) -> str:
+        return "sampling test probe"
+
+    def sample(self, now_ms: int, bad: object) -> list[Event]:
+        with open("/proc/self/stat") as f:
+            f.read()
+        time.sleep(self.PASS_S)  # the pass's work; the cost reported must include it
+        return [Event(now_ms, EventType.COMPUTE_UTIL, "gpu-0", "50")]
+
+    def run(self, ctx: ProbeContext) -> None:
+        run_every(ctx, 0.01, self.sample)
+
+
+def test_a_sampling_probe_reports_what_each_pass_costs() -> None:
+    s = Supervisor("n", now_ms)
+    s.add("sampler", Sampler)
+    s.add("steady", Steady)
+    s.start()
+    try:
+        slot = s.slots[0]
+        wait_for(lambda: slot.cycles >= 3, timeout=5.0, what="three sampling passes")
+        assert slot.cycle_s_total >= 3 * Sampler.PASS_S
+        assert slot.cycle_s_avg is not None and slot.cycle_s_avg >= Sampler.PASS_S
+        states = {p["name"]: p for p in s.states()}
+        assert float(states["sampler"]["cycle_ms"]) >= Sampler.PASS_S * 1000
+        assert "cycle_ms" not in states["steady"]  # an event-driven probe reports no passes
     finally:
         s.stop()
         s.close()

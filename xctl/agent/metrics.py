@@ -74,8 +74,19 @@ class AgentCollector(Collector):
             "Input lines or readings a probe rejected, by reason (bad_json, line_too_long, wrong_node, …).",
             labels=[NODE, "probe", "reason"],
         )
+        cycles = CounterMetricFamily(
+            "xctl_probe_cycles", "Sampling passes a probe completed (sampling probes only).", labels=[NODE, "probe"]
+        )
+        cycle_seconds = CounterMetricFamily(
+            "xctl_probe_cycle_seconds",
+            "Wall-clock seconds spent in sampling passes; rate(..._seconds) / rate(..._cycles) = one pass.",
+            labels=[NODE, "probe"],
+        )
         for slot in list(sup.slots):
             up.add_metric([node, slot.name, slot.state], 1 if slot.state == "running" else 0)
+            if slot.cycles:
+                cycles.add_metric([node, slot.name], slot.cycles)
+                cycle_seconds.add_metric([node, slot.name], slot.cycle_s_total)
             restarts.add_metric([node, slot.name], slot.restarts)
             crashes.add_metric([node, slot.name], slot.crashes)
             hangs.add_metric([node, slot.name], slot.hangs)
@@ -106,7 +117,10 @@ class AgentCollector(Collector):
         )
         for reason, n in sorted(agent.drops.as_dict().items()):
             dropped.add_metric([node, reason], n)
-        return [info, up, restarts, crashes, hangs, bad, queue_dropped, queue_len, sent, control, dropped]
+        return [
+            info, up, restarts, crashes, hangs, bad, cycles, cycle_seconds, queue_dropped, queue_len, sent, control,
+            dropped,
+        ]
 
 
 def make_registry(agent: Any) -> CollectorRegistry:

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 QUEUE_MAX: Final = 50_000
 BACKOFF_START_S: Final = 0.5
 BACKOFF_MAX_S: Final = 30.0
+#: Weight of the newest pass in a probe's average pass time (about the last 10 passes).
+CYCLE_AVG_WEIGHT: Final = 0.1
 
 
 @dataclass
@@ -50,9 +52,23 @@ class ProbeSlot:
     backoff_s: float = BACKOFF_START_S
     restart_at: float = 0.0
     generation: int = 0
+    #: Sampling passes reported through ``ctx.cycle`` and the seconds they took in all.
+    cycles: int = 0
+    cycle_s_total: float = 0.0
+    #: A moving average of one pass, for ``xctl nodes`` (None: the probe reports no passes).
+    cycle_s_avg: float | None = None
+
+    def record_cycle(self, seconds: float) -> None:
+        self.cycles += 1
+        self.cycle_s_total += seconds
+        avg = self.cycle_s_avg
+        self.cycle_s_avg = seconds if avg is None else avg + (seconds - avg) * CYCLE_AVG_WEIGHT
 
     def as_dict(self) -> dict[str, str]:
-        return {"name": self.name, "state": self.state, "detail": self.detail}
+        out = {"name": self.name, "state": self.state, "detail": self.detail}
+        if self.cycle_s_avg is not None:
+            out["cycle_ms"] = f"{self.cycle_s_avg * 1000:.3f}"
+        return out
 
 
 class Supervisor:
@@ -155,6 +171,7 @@ class Supervisor:
             emit=lambda ev: self._emit(slot, generation, ev),
             beat=lambda: self._beat(slot, generation),
             bad=lambda reason: self._bad(slot, generation, reason),
+            cycle=lambda seconds: self._cycle(slot, generation, seconds),
         )
         slot.probe, slot.ctx = probe, ctx
         slot.last_beat = time.monotonic()
@@ -172,6 +189,10 @@ class Supervisor:
     def _beat(self, slot: ProbeSlot, generation: int) -> None:
         if generation == slot.generation:
             slot.last_beat = time.monotonic()
+
+    def _cycle(self, slot: ProbeSlot, generation: int, seconds: float) -> None:
+        if generation == slot.generation:
+            slot.record_cycle(seconds)
 
     def _bad(self, slot: ProbeSlot, generation: int, reason: str) -> None:
         if generation != slot.generation:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,6 +21,8 @@ class ProbeContext:
     - ``bad(reason)`` counts a rejected input line/sample by reason (rate-limited logging
       is the supervisor's job).
     - ``stop`` is set when the probe must return; sleep with ``stop.wait(seconds)``.
+    - ``cycle(seconds)`` reports what one sampling pass took (wall clock: NVML and /proc reads
+      wait on the kernel or the driver), shown per probe by ``xctl nodes`` and /metrics.
     """
 
     node: str
@@ -28,6 +31,22 @@ class ProbeContext:
     beat: Callable[[], None]
     bad: Callable[[str], None]
     stop: threading.Event = field(default_factory=threading.Event)
+    cycle: Callable[[float], None] = field(default=lambda _seconds: None)
+
+
+Sampler = Callable[[int, Callable[[str], None]], list[Event]]
+
+
+def run_every(ctx: ProbeContext, interval_s: float, sample: Sampler) -> None:
+    """The loop of a sampling probe: sample, hand the events over, report the pass, sleep."""
+    while not ctx.stop.is_set():
+        started = time.perf_counter()
+        for event in sample(ctx.clock(), ctx.bad):
+            ctx.emit(event)
+        ctx.cycle(time.perf_counter() - started)
+        ctx.beat()
+        if ctx.stop.wait(interval_s):
+            break
 
 
 class Probe(Protocol):

@@ -34,7 +34,7 @@ from typing import Final
 
 from xctl.core.errors import ProbeError
 from xctl.core.events import AttrValue, Event, EventType
-from xctl.probes.base import ProbeContext
+from xctl.probes.base import ProbeContext, run_every
 from xctl.probes.kmsg_parse import FLAP_WINDOW_S
 from xctl.probes.procfs import spec_args, spec_interval
 
@@ -292,12 +292,7 @@ class NetworkProbe:
         return f"network: every {self.interval_s:g}s; {self._seen}"
 
     def run(self, ctx: ProbeContext) -> None:
-        while not ctx.stop.is_set():
-            for event in self.sample(ctx.clock(), ctx.bad):
-                ctx.emit(event)
-            ctx.beat()
-            if ctx.stop.wait(self.interval_s):
-                break
+        run_every(ctx, self.interval_s, self.sample)
 
     def _read(self, *parts: str) -> str | None:
         try:

@@ -653,6 +653,7 @@ class NvmlProbe:
                 started = time.monotonic()
                 for event in self.sample(ctx.clock()):
                     ctx.emit(event)
+                ctx.cycle(time.monotonic() - started)
                 if self._hung is not None:
                     # Stop beating: the supervisor reports the probe hung and restarts it.
                     self.stop_xid()

@@ -22,6 +22,7 @@ import heapq
 import logging
 import random
 import re
+import time
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Final
@@ -630,8 +631,10 @@ class SimProbe:
         next_ms = start
         while True:
             now = ctx.clock()
+            started = time.perf_counter()
             for event in sim.sample(now):
                 ctx.emit(event)
+            ctx.cycle(time.perf_counter() - started)
             ctx.beat()
             next_ms += interval_ms
             if next_ms <= now:  # fell behind: skip the missed ticks rather than burst

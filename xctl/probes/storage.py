@@ -24,7 +24,7 @@ from types import MappingProxyType
 from typing import Final
 
 from xctl.core.events import AttrValue, Event, EventType
-from xctl.probes.base import ProbeContext
+from xctl.probes.base import ProbeContext, run_every
 from xctl.probes.procfs import spec_args, spec_bool, spec_interval
 
 log = logging.getLogger(__name__)
@@ -167,12 +167,7 @@ class StorageProbe:
         return f"storage: {self.proc_root}/diskstats every {self.interval_s:g}s ({devices or 'no devices yet'})"
 
     def run(self, ctx: ProbeContext) -> None:
-        while not ctx.stop.is_set():
-            for event in self.sample(ctx.clock(), ctx.bad):
-                ctx.emit(event)
-            ctx.beat()
-            if ctx.stop.wait(self.interval_s):
-                break
+        run_every(ctx, self.interval_s, self.sample)
 
     def is_partition(self, name: str) -> bool:
         cached = self._partition.get(name)

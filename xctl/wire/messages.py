@@ -314,6 +314,12 @@ class Heartbeat:
         )
 
 
+#: A probe's state in a heartbeat: name, state, detail, and (optional) ``cycle_ms``, the
+#: average sampling pass in milliseconds.
+_PROBE_KEYS: Final = ("name", "state", "detail", "cycle_ms")
+_PROBE_KEYS_ALWAYS: Final = frozenset({"name", "state", "detail"})
+
+
 def _probe_states(msg: Mapping[str, Any]) -> tuple[dict[str, str], ...] | None:
     raw = _opt(msg, "probes", list)
     if raw is None:
@@ -325,11 +331,12 @@ def _probe_states(msg: Mapping[str, Any]) -> tuple[dict[str, str], ...] | None:
         if not isinstance(item, dict):
             raise _bad(f"probes[{i}]", "map", item)
         entry: dict[str, str] = {}
-        for key in ("name", "state", "detail"):
+        for key in _PROBE_KEYS:
             value = item.get(key, "")
             if not isinstance(value, str):
                 raise _bad(f"probes[{i}].{key}", "string", value)
-            entry[key] = value[:MAX_PROBE_DETAIL]
+            if value or key in _PROBE_KEYS_ALWAYS:
+                entry[key] = value[:MAX_PROBE_DETAIL]
         out.append(entry)
     return tuple(out)
 
