@@ -385,10 +385,14 @@ def gpu_node(pynvml: Any, tmp_path: Path) -> Iterator[GpuNode]:
         node.stop()
 
 
-def _probe_states(node: GpuNode) -> dict[str, str] | None:
+def _probes(node: GpuNode) -> dict[str, dict[str, str]]:
     listing = node.cli_json("nodes")
     rows = [r for r in (listing or {}).get("items", []) if r["node"] == GpuNode.NODE]
-    states = {p["name"]: p["state"] for p in rows[0].get("probes", [])} if rows else {}
+    return {p["name"]: p for p in rows[0].get("probes", [])} if rows else {}
+
+
+def _probe_states(node: GpuNode) -> dict[str, str] | None:
+    states = {name: p["state"] for name, p in _probes(node).items()}
     return states if states.get("nvml") == "running" else None
 
 
@@ -426,6 +430,13 @@ def test_a_real_agent_shows_the_workload_and_blames_the_faulting_application(
     rss = round(_agent_rss_mib(gpu_node.agent.pid), 1)
     record_property("agent_rss_mib_with_nvml", rss)
     print(f"agent RSS with NVML initialised and the default probes: {rss} MiB")
+    passes = wait_for(
+        lambda: {n: p["cycle_ms"] for n, p in _probes(gpu_node).items() if p.get("cycle_ms")},
+        timeout=10,
+        what="the probes' pass costs in xctl nodes",
+    )
+    record_property("agent_probe_pass_ms", json.dumps(passes))
+    print(f"average pass per probe inside the agent (ms): {passes}")
 
     fault = child("fault", 60.0)
 
