@@ -6,7 +6,11 @@ them), then:
 2. runs a real `xctl agent` with procfs, kmsg, network and storage at 1 s sampling against a
    real aggregator for a window, and reads its RSS and CPU% from /proc.
 
-    .venv/bin/python bench/agent_footprint.py [--extra 500] [--window 20]
+    .venv/bin/python bench/agent_footprint.py [--extra 500] [--window 20] [--threaded 8 --threads 64]
+
+``--threaded K`` adds K python processes with ``--threads`` sleeping threads each (a training
+process has dozens: the procfs probe reads their /proc/PID/task/TID/stat to find a worker
+thread in D).
 """
 
 from __future__ import annotations
@@ -35,6 +39,24 @@ def spawn_extra(n: int) -> list[subprocess.Popen[bytes]]:
     for i in range(n):
         argv = ["bash", "-c", "exec -a python3 sleep 600"] if i % 10 == 0 else ["sleep", "600"]
         procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
+    return procs
+
+
+THREADED = (
+    "import threading, time\n"
+    "for _ in range({n}):\n"
+    "    threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n"
+    "time.sleep(600)\n"
+)
+
+
+def spawn_threaded(n: int, threads: int) -> list[subprocess.Popen[bytes]]:
+    code = THREADED.format(n=threads)
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL) for _ in range(n)]
+    deadline = time.monotonic() + 30
+    for proc in procs:  # every thread started before the first sample
+        while len(os.listdir(f"/proc/{proc.pid}/task")) <= threads and time.monotonic() < deadline:
+            time.sleep(0.05)
     return procs
 
 
@@ -67,9 +89,12 @@ def main() -> None:
     parser.add_argument("--extra", type=int, default=500)
     parser.add_argument("--window", type=float, default=20.0)
     parser.add_argument("--cycles", type=int, default=20)
+    parser.add_argument("--threaded", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=64)
     args = parser.parse_args()
-    extra = spawn_extra(args.extra)
+    extra = spawn_extra(args.extra) + spawn_threaded(args.threaded, args.threads)
     result: dict[str, Any] = {"benchmark": "agent_footprint", "extra_processes": args.extra,
+                              "threaded_processes": args.threaded, "threads_each": args.threads,
                               "host_processes": len([p for p in os.listdir("/proc") if p.isdigit()])}
     try:
         probes = {

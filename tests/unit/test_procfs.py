@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from xctl.core.errors import ProbeError
 from xctl.core.events import Event, EventType
 from xctl.probes.procfs import (
+    MAX_THREADS_PER_CYCLE,
+    THREAD_SPREAD,
     ProcfsProbe,
     decode_exit_status,
     parse_btime,
@@ -20,7 +22,9 @@ from xctl.probes.procfs import (
     parse_meminfo_total,
     parse_stat,
     parse_status,
+    parse_task_state,
     process_tree,
+    task_window,
 )
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "proc"
@@ -100,6 +104,7 @@ def test_parse_stat_malformed(text: str) -> None:
 @given(st.text(max_size=400))
 def test_parse_stat_never_raises(text: str) -> None:
     parse_stat(text)
+    parse_task_state(text)
     parse_stat("1 (" + text + ") S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22")
 
 
@@ -285,3 +290,158 @@ def test_exec_is_running_with_new_name_not_a_new_start(proc: Path) -> None:
         ("pt_main_thread", "running", True, "python3 -m trainer")
     ]
     assert events[0].attrs["create_time"] == pytest.approx(BTIME + 6001.0)
+
+
+# --- worker threads in D -------------------------------------------------------------------------
+
+
+def add_thread(root: Path, pid: int, tid: int, comm: str, state: str, wchan: str | None = None) -> None:
+    """A /proc/PID/task/TID entry: the main thread's stat with this thread's id, comm and state."""
+    task = root / str(pid) / "task" / str(tid)
+    task.mkdir(parents=True, exist_ok=True)
+    main = (root / str(pid) / "stat").read_text()
+    rest = main[main.rindex(")") + 1 :].split()
+    rest[0] = state
+    (task / "stat").write_text(f"{tid} ({comm}) " + " ".join(rest) + "\n")
+    if wchan is not None:
+        (task / "wchan").write_text(wchan)
+
+
+def thread_d_states(events: list[Event]) -> list[tuple[int | None, str, object, object, object]]:
+    return [
+        (e.pid, e.value, e.attrs.get("tid"), e.attrs.get("thread"), e.attrs.get("wchan"))
+        for e in events
+        if e.type is EventType.PROCESS_STATE and e.value in ("d_state", "running")
+    ]
+
+
+def test_parse_task_state() -> None:
+    assert parse_task_state("4831 (pt_data (w)) D 4800 4812 0") == ("pt_data (w)", "D")
+    assert parse_task_state((FIXTURE / "4813" / "stat").read_text()) == ("python3", "D")
+    for bad in ("", "4831 pt_data D", "4831 (x)D 1", "4831 (x) DD 1", "4831 )x( D 1", "4831 (x)"):
+        assert parse_task_state(bad) is None
+
+
+def test_task_window_walks_the_thread_ids_in_turn() -> None:
+    tids = list(range(100, 110))
+    assert task_window(tids, 0, 4) == ([100, 101, 102, 103], 103)
+    assert task_window(tids, 103, 4) == ([104, 105, 106, 107], 107)
+    assert task_window(tids, 107, 4) == ([108, 109, 100, 101], 101)  # round to the start
+    assert task_window(tids, 500, 4) == ([100, 101, 102, 103], 103)  # threads above the cursor died
+    assert task_window(tids, 104, 20) == ([105, 106, 107, 108, 109, 100, 101, 102, 103, 104], 104)  # each once
+    assert task_window(tids, 0, 20) == (tids, 109)
+    assert task_window([], 7, 4) == ([], 7)
+    assert task_window(tids, 0, 0) == ([], 0)
+
+
+def test_worker_thread_in_d_makes_the_process_d_state(proc: Path) -> None:
+    # pid 4812: the main thread waits on a futex (S), a dataloader thread is stuck on NFS (D).
+    set_stat(proc, 4812, state="S")
+    (proc / "4812" / "wchan").write_text("futex_wait_queue")
+    add_thread(proc, 4812, 4812, "python3", "S", "futex_wait_queue")
+    add_thread(proc, 4812, 4830, "pt_autograd_0", "S", "futex_wait_queue")
+    add_thread(proc, 4812, 4831, "pt_data_worker", "D", "rpc_wait_bit_killable")
+    clock = Clock()
+    probe = make(proc, clock, watch=["python3"], thread_spread=1)  # every thread every sample
+    got = []
+    for i in range(4):
+        clock.t += 2
+        got.append([x for x in thread_d_states(probe.sample(NOW + i * 2000)) if x[0] == 4812])
+    # after D_STATE_SAMPLES consecutive samples, once, naming the thread and its wchan
+    assert got == [[], [], [(4812, "d_state", 4831, "pt_data_worker", "rpc_wait_bit_killable")], []]
+
+    # the thread leaves D: running, as when the main thread does
+    add_thread(proc, 4812, 4831, "pt_data_worker", "S")
+    clock.t += 2
+    assert [x for x in thread_d_states(probe.sample(NOW + 8000)) if x[0] == 4812] == [
+        (4812, "running", None, None, None)
+    ]
+
+    # a short D (two samples, then none) is normal I/O, and so are short waits of different
+    # threads one after the other: the count is per thread, so no d_state
+    for i, (a, b) in enumerate((("D", "S"), ("D", "S"), ("S", "S"), ("D", "S"), ("S", "D"), ("D", "S"))):
+        add_thread(proc, 4812, 4831, "pt_data_worker", a)
+        add_thread(proc, 4812, 4830, "pt_autograd_0", b)
+        clock.t += 2
+        assert not [x for x in thread_d_states(probe.sample(NOW + 10000 + i * 2000)) if x[0] == 4812]
+
+
+def test_threads_are_spread_over_samples_and_checked_fully_before_clearing(proc: Path) -> None:
+    set_stat(proc, 4812, state="S")
+    for tid in range(5001, 5009):
+        add_thread(proc, 4812, tid, "pt_worker", "S")
+    add_thread(proc, 4812, 5008, "pt_data_worker", "D")  # the last of eight
+    clock = Clock()
+    probe = make(proc, clock, watch=["python3"])  # THREAD_SPREAD: 2 of the 8 per sample
+    reads, seen = [], []
+    for i in range(6):
+        before = probe.thread_reads
+        clock.t += 2
+        seen.append([x[2] for x in thread_d_states(probe.sample(NOW + i * 2000)) if x[0] == 4812])
+        reads.append(probe.thread_reads - before)
+    # found in the fourth window, then followed alone for D_STATE_SAMPLES samples
+    assert reads == [2, 2, 2, 2, 1, 1]
+    assert seen == [[], [], [], [], [], [5008]]
+
+    # it leaves D while another worker is in D: still d_state (every thread was read to know)
+    add_thread(proc, 4812, 5008, "pt_data_worker", "S")
+    add_thread(proc, 4812, 5002, "pt_worker", "D")
+    before = probe.thread_reads
+    clock.t += 2
+    assert [x for x in thread_d_states(probe.sample(NOW + 20000)) if x[0] == 4812] == []
+    assert probe.thread_reads - before <= 8
+    # none in D any more: running, after reading all eight
+    add_thread(proc, 4812, 5002, "pt_worker", "S")
+    before = probe.thread_reads
+    clock.t += 2
+    assert [x[1] for x in thread_d_states(probe.sample(NOW + 22000)) if x[0] == 4812] == ["running"]
+    assert probe.thread_reads - before == 8
+
+
+def test_thread_reads_per_process_are_bounded(proc: Path) -> None:
+    set_stat(proc, 4812, state="S")
+    add_thread(proc, 4812, 4812, "python3", "S")
+    for tid in range(5001, 5010):
+        add_thread(proc, 4812, tid, "pt_worker", "S")
+    add_thread(proc, 4812, 5010, "pt_data_worker", "D")  # the last of ten: found in the third window
+    clock = Clock()
+    probe = make(proc, clock, watch=["python3"], max_threads=4, thread_spread=1)
+    reads, d_states = [], []
+    for i in range(5):
+        before = probe.thread_reads
+        clock.t += 2
+        events = probe.sample(NOW + i * 2000)
+        reads.append(probe.thread_reads - before)
+        d_states.append([x for x in thread_d_states(events) if x[0] == 4812])
+    # windows of at most 4 threads; once found, the thread in D is read first and alone
+    assert reads == [4, 4, 2, 1, 1]
+    assert d_states == [[], [], [], [], [(4812, "d_state", 5010, "pt_data_worker", None)]]
+
+
+def test_default_bound_on_a_process_with_many_threads(proc: Path) -> None:
+    set_stat(proc, 4812, state="S")
+    for tid in range(10_000, 10_300):
+        add_thread(proc, 4812, tid, "omp_worker", "S")
+    for spread, expected in (
+        (1, [MAX_THREADS_PER_CYCLE] * 3),
+        (THREAD_SPREAD, [75, 75, 75]),
+    ):
+        probe = make(proc, watch=["python3"], thread_spread=spread)
+        counts = []
+        for i in range(3):
+            before = probe.thread_reads
+            probe.sample(NOW + i * 2000)
+            counts.append(probe.thread_reads - before)
+        assert counts == expected
+
+
+def test_single_threaded_and_main_in_d_processes_read_no_threads(proc: Path) -> None:
+    # 4813 is single-threaded and in D; 4812 (64 threads) has its main thread in D: neither
+    # needs a look at its threads
+    add_thread(proc, 4813, 4813, "python3", "D")
+    set_stat(proc, 4812, state="D")
+    add_thread(proc, 4812, 4830, "pt_data_worker", "D")
+    probe = make(proc, watch=["python3"])
+    for i in range(3):
+        probe.sample(NOW + i * 2000)
+    assert probe.thread_reads == 0

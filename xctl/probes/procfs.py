@@ -11,11 +11,23 @@ Events (entity = the process name, i.e. its ``comm``, the name the kernel log al
   ppid, uid, rank/local_rank/world_size/step/scheduler/pod_uid/container_id/unit when known,
   ``initial`` when it was already running at the probe's first sample); ``zombie`` on state Z
   (with ``exit_code`` from /proc/PID/stat, Linux ≥ 3.5); ``d_state`` after
-  :data:`D_STATE_SAMPLES` consecutive samples in D (attrs wchan); ``running`` when it leaves
-  d_state/zombie, or (with the full start attrs and ``exec``) when it exec'd a new program;
+  :data:`D_STATE_SAMPLES` consecutive samples with any of its threads in D (attrs samples,
+  wchan; when the thread in D is not the main one also tid and ``thread``, that thread's
+  comm, with the wchan read from /proc/PID/task/TID); ``running`` when no thread is in D any
+  more or it leaves zombie, or (with the full start attrs and ``exec``) when it exec'd a new
+  program;
   ``exit`` when it is gone (``exit_code`` only if it was seen as a zombie).
 - ``compute.util`` entity ``cpu`` with pid: percent of one core, 1 decimal.
 - ``compute.mem`` entity ``sysmem`` with pid: percent of host memory, attrs used_mib, total_mib.
+
+Worker threads (a dataloader thread stuck on NFS while the main thread waits on a futex) are
+looked at only for a tracked process whose main thread is not in D and that has more than one
+thread, and at most :data:`MAX_THREADS_PER_CYCLE` of its threads are read per sample: the
+thread last seen in D first, then the next window of thread ids in turn (a quarter of them,
+:data:`THREAD_SPREAD`), so a process with 10,000 threads is covered over several samples
+rather than all at once. A worker in D is therefore seen up to ``THREAD_SPREAD - 1`` samples
+later than a main thread would be; from then on it is read every sample, and the same
+:data:`D_STATE_SAMPLES` apply to it.
 
 Metrics are emitted only when they moved by ≥ 1 percentage point or every
 :data:`METRIC_EVERY` samples. The first half of this module is pure parsers; the reader
@@ -27,6 +39,7 @@ This module also holds the small spec-argument helpers the node probes share
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import posixpath
@@ -51,6 +64,12 @@ RECHECK_EVERY: Final = 20
 DEFAULT_WATCH: Final = ("python[0-9.]*", "torchrun", "mpirun", "srun", "deepspeed")
 #: Consecutive samples in D before ``d_state`` is reported (a short D is normal I/O).
 D_STATE_SAMPLES: Final = 3
+#: At most this many /proc/PID/task/TID/stat files are read per process per sample.
+MAX_THREADS_PER_CYCLE: Final = 256
+#: Each worker thread is read every this many samples (a window of 1/N of them per sample,
+#: within the bound above); a thread found in D is then read every sample. A stat read costs
+#: ~20 µs of kernel time, and training processes have dozens to hundreds of threads.
+THREAD_SPREAD: Final = 4
 #: A metric is re-sent at least every this many samples even if unchanged.
 METRIC_EVERY: Final = 10
 #: Minimum change (percentage points) that makes a metric worth sending.
@@ -167,6 +186,29 @@ def parse_stat(text: str) -> ProcStat | None:
         rss_pages=nums[20],
         exit_status=exit_status,
     )
+
+
+def parse_task_state(text: str) -> tuple[str, str] | None:
+    """(comm, state) from a ``/proc/PID/task/TID/stat`` line; None if malformed. Cheaper than
+    :func:`parse_stat`: a thread scan needs only these two fields."""
+    open_at = text.find("(")
+    close_at = text.rfind(")")
+    if open_at < 0 or close_at < open_at:
+        return None
+    state = text[close_at + 1 : close_at + 4]
+    if len(state) != 3 or state[0] != " " or state[2] != " ":
+        return None
+    return text[open_at + 1 : close_at], state[1]
+
+
+def task_window(tids: Sequence[int], after: int, budget: int) -> tuple[list[int], int]:
+    """The next ``budget`` thread ids after ``after`` in the sorted ``tids``, wrapping round to
+    the start (each at most once), and the cursor for the next call (the last one taken)."""
+    if budget <= 0 or not tids:
+        return [], after
+    start = bisect.bisect_right(tids, after)
+    window = [*tids[start : start + budget], *tids[: max(0, min(start, budget - (len(tids) - start)))]]
+    return window, window[-1]
 
 
 def decode_exit_status(status: int) -> int:
@@ -309,6 +351,9 @@ class _Tracked:
     base_attrs: Mapping[str, AttrValue]
     status: str = "running"  # last reported: running, zombie, d_state
     d_count: int = 0
+    #: The thread d_count counts (the main thread's tid is the pid) and the thread-scan cursor.
+    d_tid: int | None = None
+    task_cursor: int = 0
     exit_code: int | None = None
     samples: int = 0
     cpu_ticks: int | None = None
@@ -333,8 +378,14 @@ class ProcfsProbe:
         page_size: int | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         exclude_pids: Iterable[int] | None = None,
+        max_threads: int = MAX_THREADS_PER_CYCLE,
+        thread_spread: int = THREAD_SPREAD,
     ) -> None:
         self.root = root
+        self.max_threads = max_threads
+        self.thread_spread = max(1, thread_spread)
+        #: /proc/PID/task/TID/stat files read so far (the cost of the worker-thread D check).
+        self.thread_reads = 0
         self.interval_s = interval_s
         self.heartbeat_s: float | None = 3 * interval_s + 5.0
         #: Settable after construction (the agent wires it to the NVML probe's process list).
@@ -390,10 +441,12 @@ class ProcfsProbe:
         except OSError:
             return None
 
-    def _read_stat(self, pid: int) -> str | None:
-        """/proc/PID/stat with one raw read (no text wrapper: this runs for every process)."""
+    def _read_stat(self, pid: int, tid: int | None = None) -> str | None:
+        """/proc/PID/stat (or /proc/PID/task/TID/stat) with one raw read (no text wrapper: this
+        runs for every process)."""
+        path = f"{self.root}/{pid}/stat" if tid is None else f"{self.root}/{pid}/task/{tid}/stat"
         try:
-            fd = os.open(f"{self.root}/{pid}/stat", os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
         except OSError:
             return None
         try:
@@ -499,6 +552,7 @@ class ProcfsProbe:
                 # processes by pid + create_time), so say "running" with the new name and cmdline.
                 fresh = self._start(st, argvs.get(key, []))
                 fresh.status, fresh.d_count, fresh.samples = tracked.status, tracked.d_count, tracked.samples
+                fresh.d_tid, fresh.task_cursor = tracked.d_tid, tracked.task_cursor
                 self._tracked[key] = tracked = fresh
                 events.append(self._state_event(now_ms, tracked, "running", {**tracked.base_attrs, "exec": True}))
             current.add(key)
@@ -612,21 +666,69 @@ class ProcfsProbe:
                 tracked.exit_code = decode_exit_status(st.exit_status)
                 attrs["exit_code"] = tracked.exit_code
             return [self._state_event(now_ms, tracked, "zombie", attrs)]
-        if st.state == "D":
-            tracked.d_count += 1
+        # The thread in D: the main one, else a worker (looked for only when there are others).
+        # The count is per thread: one thread in D for D_STATE_SAMPLES samples in a row, not
+        # a different short I/O wait of some thread at each sample.
+        worker: tuple[int, str] | None = None
+        d_tid: int | None = st.pid if st.state == "D" else None
+        if d_tid is None and st.num_threads > 1 and st.state != "X":
+            worker = self._worker_in_d(tracked, thorough=tracked.status == "d_state")
+            d_tid = worker[0] if worker is not None else None
+        if d_tid is not None:
+            tracked.d_count = tracked.d_count + 1 if tracked.d_tid == d_tid else 1
+            tracked.d_tid = d_tid
             if tracked.d_count >= D_STATE_SAMPLES and tracked.status != "d_state":
                 tracked.status = "d_state"
-                wchan = (self._read_text(str(st.pid), "wchan") or "").strip()
                 attrs = {"samples": tracked.d_count}
+                where = [str(st.pid)]
+                if worker is not None:
+                    attrs["tid"], attrs["thread"] = worker
+                    where += ["task", str(worker[0])]
+                wchan = (self._read_text(*where, "wchan") or "").strip()
                 if wchan and wchan != "0":
                     attrs["wchan"] = wchan[:128]
                 return [self._state_event(now_ms, tracked, "d_state", attrs)]
             return []
-        tracked.d_count = 0
+        tracked.d_count, tracked.d_tid = 0, None
         if tracked.status in ("d_state", "zombie"):
             tracked.status = "running"
             return [self._state_event(now_ms, tracked, "running")]
         return []
+
+    def _worker_in_d(self, tracked: _Tracked, *, thorough: bool) -> tuple[int, str] | None:
+        """(tid, comm) of a thread other than the main one that is in D now, or None.
+
+        The worker last seen in D is read first; then the next window of the other threads:
+        1/``thread_spread`` of them (so each is looked at every ``thread_spread`` samples), or
+        as many as the bound allows when ``thorough`` (before saying the process left D). At
+        most ``max_threads`` thread stat files are read in all.
+        """
+        pid = tracked.pid
+        budget = self.max_threads
+        last = tracked.d_tid if tracked.d_tid != pid else None
+        if last is not None:
+            budget -= 1
+            found = self._thread_state(pid, last)
+            if found is not None and found[1] == "D":
+                return last, found[0]
+        try:
+            names = os.listdir(f"{self.root}/{pid}/task")
+        except OSError:
+            return None  # gone, or not permitted: the main thread's state is all we know
+        tids = sorted(int(n) for n in names if n.isdigit() and n != str(pid) and int(n) != last)
+        if not thorough:
+            budget = min(budget, -(-len(tids) // self.thread_spread))
+        window, tracked.task_cursor = task_window(tids, tracked.task_cursor, budget)
+        for tid in window:
+            found = self._thread_state(pid, tid)
+            if found is not None and found[1] == "D":
+                return tid, found[0]
+        return None
+
+    def _thread_state(self, pid: int, tid: int) -> tuple[str, str] | None:
+        self.thread_reads += 1
+        text = self._read_stat(pid, tid)
+        return parse_task_state(text) if text is not None else None
 
     def _metrics(self, now_ms: int, tracked: _Tracked, st: ProcStat, mono: float) -> list[Event]:
         events: list[Event] = []
