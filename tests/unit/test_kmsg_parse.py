@@ -189,7 +189,8 @@ def test_aer_variants() -> None:
 def test_aer_on_a_gpu_names_the_gpu() -> None:
     line = "nvidia 0000:3b:00.0: PCIe Bus Error: severity=Corrected, type=Physical Layer, (Receiver ID)"
     events = KernelLogInterpreter(gpu_index).feed_line(line, NOW)
-    assert events is not None and events[0].entity == "0000:3b:00.0" and events[0].attrs["gpu"] == "gpu-1"
+    assert events is not None and [(e.entity, e.attrs["pci"]) for e in events] == [("gpu-1", "0000:3b:00.0")]
+    assert "via" not in events[0].attrs
 
 
 def test_oom_variants_and_dedupe_window() -> None:

@@ -1,5 +1,6 @@
 """Probes that see more together: NVML tells procfs which pids use a GPU (so their whole
-process trees are watched) and tells kmsg which gpu-N a PCI address in an Xid line is.
+process trees are watched) and tells kmsg which gpu-N a PCI address in an Xid or AER line is,
+and where its GPUs are (to put an AER on a port above them on each of them).
 
 Probes are restarted as fresh instances, so the link goes through a holder that always
 points at the NVML probe currently running, never at a dead instance.
@@ -27,6 +28,10 @@ class GpuView:
         index = nvml.gpu_index(bus_id) if nvml is not None else None
         return index if isinstance(index, int) else None
 
+    def gpu_addresses(self) -> list[str]:
+        nvml = self.nvml
+        return list(nvml.pci_to_index()) if nvml is not None else []
+
 
 def link(probe: Probe, view: GpuView) -> Probe:
     """Connect a (new) probe instance to the others through ``view``; returns it."""
@@ -36,5 +41,5 @@ def link(probe: Probe, view: GpuView) -> Probe:
     elif kind == "ProcfsProbe":
         probe.gpu_pids = view.gpu_pids  # type: ignore[attr-defined]
     elif kind == "KmsgProbe":
-        probe.use_gpu_index(view.gpu_index)  # type: ignore[attr-defined]
+        probe.use_gpu_index(view.gpu_index, view.gpu_addresses)  # type: ignore[attr-defined]
     return probe

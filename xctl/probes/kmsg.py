@@ -8,6 +8,10 @@ opened non-blocking and polled with a short timeout, so a stop request is notice
 ``poll_s`` and shutdown never blocks. By default reading starts at the end (only new
 messages); ``replay=True`` starts at the oldest record still in the ring buffer.
 
+PCIe AER errors are put on the GPU they hit: a GPU's own address is mapped to ``gpu-N`` like an
+Xid's, and a bridge or root port is looked up in sysfs (:class:`SysfsGpusBelow`): the GPUs
+whose ``/sys/bus/pci/devices/ADDR`` path passes through it each get the event.
+
 A regular file (a saved kmsg dump or dmesg output) works too: records are split at newlines,
 so tests and replays can point ``path`` at a fixture.
 """
@@ -20,12 +24,19 @@ import os
 import select
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 from xctl.core.events import Event
 from xctl.probes.base import ProbeContext
-from xctl.probes.kmsg_parse import GpuIndex, KernelLogInterpreter, KmsgRecord, normalize_pci, parse_any
+from xctl.probes.kmsg_parse import (
+    GpuIndex,
+    KernelLogInterpreter,
+    KmsgRecord,
+    gpus_below,
+    normalize_pci,
+    parse_any,
+)
 from xctl.probes.procfs import spec_args, spec_bool
 
 log = logging.getLogger(__name__)
@@ -89,6 +100,51 @@ class SysfsGpuIndex:
         return len(self._index)
 
 
+def _no_addresses() -> list[str]:
+    return []
+
+
+class SysfsGpusBelow:
+    """PCI address of a bridge or port → the GPUs downstream of it, from the device paths
+    (``realpath <sys_root>/bus/pci/devices/ADDR``) of the GPUs the sysfs index lists plus those
+    ``extra()`` (NVML) knows. The paths are re-read at most every ``refresh_s`` seconds."""
+
+    def __init__(
+        self,
+        sys_root: str,
+        index: SysfsGpuIndex,
+        *,
+        refresh_s: float = 30.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.devices = os.path.join(sys_root, "bus", "pci", "devices")
+        self.index = index
+        #: More GPU addresses (settable: the agent wires it to NVML's).
+        self.extra: Callable[[], Iterable[str]] = _no_addresses
+        self.refresh_s = refresh_s
+        self.monotonic = monotonic
+        self._paths: dict[str, str] = {}
+        self._loaded_at: float | None = None
+
+    def _load(self) -> None:
+        found = {normalize_pci(a) for a in (*self.index.addresses(), *self.extra())}
+        paths: dict[str, str] = {}
+        for addr in sorted(a for a in found if a is not None):
+            link = os.path.join(self.devices, addr)
+            if os.path.exists(link):
+                paths[addr] = os.path.realpath(link)
+        self._paths = paths
+        self._loaded_at = self.monotonic()
+
+    def __call__(self, port: str) -> list[str]:
+        norm = normalize_pci(port)
+        if norm is None:
+            return []
+        if self._loaded_at is None or self.monotonic() - self._loaded_at >= self.refresh_s:
+            self._load()
+        return gpus_below(norm, self._paths)
+
+
 def chain_gpu_index(first: GpuIndex | None, fallback: GpuIndex) -> GpuIndex:
     """Ask ``first`` (e.g. NVML); if it does not know the address, ask ``fallback``."""
     if first is None:
@@ -124,16 +180,22 @@ class KmsgProbe:
         self.poll_s = min(poll_s, DEFAULT_POLL_S)
         self.retry_s = retry_s
         self.sysfs_index = SysfsGpuIndex(sys_root)
-        self.interpreter = KernelLogInterpreter(chain_gpu_index(gpu_index, self.sysfs_index), kernel_only=kernel_only)
+        self.gpus_below = SysfsGpusBelow(sys_root, self.sysfs_index)
+        self.interpreter = KernelLogInterpreter(
+            chain_gpu_index(gpu_index, self.sysfs_index), gpus_below=self.gpus_below, kernel_only=kernel_only
+        )
         self._fd: int | None = None
         self._regular = False
         self._partial = b""
         self._problem: str | None = None
         self._poller: select.poll | None = None
 
-    def use_gpu_index(self, lookup: GpuIndex) -> None:
-        """Map PCI addresses to gpu-N with ``lookup`` (NVML) first, then the sysfs fallback."""
+    def use_gpu_index(self, lookup: GpuIndex, addresses: Callable[[], Iterable[str]] | None = None) -> None:
+        """Map PCI addresses to gpu-N with ``lookup`` (NVML) first, then the sysfs fallback;
+        ``addresses`` (NVML's GPUs) are looked for below a port in error too."""
         self.interpreter.gpu_index = chain_gpu_index(lookup, self.sysfs_index)
+        if addresses is not None:
+            self.gpus_below.extra = addresses
 
     @classmethod
     def from_spec(cls, arg: str | None) -> KmsgProbe:

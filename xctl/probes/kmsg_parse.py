@@ -14,8 +14,11 @@ Event forms (see DESIGN §3):
   the line has ``pid=<n>``; attrs xid, pci_bus_id, raw, name (when known).
 - ``error.hw`` ``SXID_<n>`` on ``nvswitch-N``; attrs sxid, pci_bus_id, severity, link, raw.
 - ``error.hw`` ``NVME_TIMEOUT`` / ``NVME_RESET`` on the controller (``nvme0``); attrs raw, qid.
-- ``error.hw`` ``PCIE_AER_CORRECTED`` / ``PCIE_AER_UNCORRECTED`` on the PCI address of the device
-  in error; attrs severity, raw, type, reporter, gpu (when the address is a known GPU).
+- ``error.hw`` ``PCIE_AER_CORRECTED`` / ``PCIE_AER_UNCORRECTED`` (attrs severity, raw, type,
+  reporter, pci): on ``gpu-N`` when the device in error is a GPU (``pci`` = its address); when
+  it is a bridge or root port with GPUs below it, one event on each of those GPUs (``pci`` =
+  the GPU's address, ``via`` = the port's): an error upstream affects every GPU behind the
+  port, so `why` on any of their processes must see it; otherwise on the PCI address itself.
 - ``process.state`` ``oom_killed`` (entity = the killed task's name, pid) — one per kill;
   ``hung`` for ``INFO: task NAME:PID blocked for more than N seconds`` (attrs blocked_s).
 - ``error.net`` ``LINK_DOWN`` on a netdev; on link up ``OK`` (attrs code=LINK_DOWN: it clears
@@ -28,7 +31,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
@@ -47,6 +50,8 @@ RAW_MAX: Final = 1024
 _STATE_BOUND: Final = 1024
 
 GpuIndex = Callable[[str], "int | None"]
+#: PCI address of a bridge or port → the PCI addresses of the GPUs below it.
+GpusBelow = Callable[[str], "Sequence[str]"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +125,12 @@ def normalize_pci(text: str) -> str | None:
     if dev > 0x1F:
         return None
     return f"{domain:04x}:{bus:02x}:{dev:02x}.{int(m.group(4) or '0')}"
+
+
+def gpus_below(port: str, gpu_paths: Mapping[str, str]) -> list[str]:
+    """The GPUs (address → sysfs device path, e.g. ``/sys/devices/pci0000:17/0000:17:00.0/
+    0000:18:00.0/0000:1a:00.0``) whose path passes through ``port``: those downstream of it."""
+    return sorted(gpu for gpu, path in gpu_paths.items() if gpu != port and port in path.split("/")[:-1])
 
 
 # --- findings ------------------------------------------------------------------------------------
@@ -312,6 +323,11 @@ def _no_gpu_index(bus_id: str) -> int | None:
     return None
 
 
+def _no_gpus_below(port: str) -> Sequence[str]:
+    del port
+    return ()
+
+
 class KernelLogInterpreter:
     """Kernel records → events, with the little state that needs (see the module doc)."""
 
@@ -319,10 +335,12 @@ class KernelLogInterpreter:
         self,
         gpu_index: GpuIndex | None = None,
         *,
+        gpus_below: GpusBelow | None = None,
         kernel_only: bool = True,
         flap_window_s: float = FLAP_WINDOW_S,
     ) -> None:
         self.gpu_index: GpuIndex = gpu_index or _no_gpu_index
+        self.gpus_below: GpusBelow = gpus_below or _no_gpus_below
         #: Ignore records a user-space program wrote to /dev/kmsg (facility ≠ kernel).
         self.kernel_only = kernel_only
         self.flap_window_s = flap_window_s
@@ -380,11 +398,7 @@ class KernelLogInterpreter:
             self._last_aer = (device, f.code, t_us)
             if last and last[0] == device and last[1] == f.code and 0 <= t_us - last[2] <= AER_PAIR_S * 1e6:
                 return []
-            attrs = {"raw": raw, **f.detail}
-            gpu, _ = self.gpu_entity(device)
-            if not gpu.startswith("gpu-pci-"):
-                attrs["gpu"] = gpu
-            return [_event(now_ms, EventType.ERROR_HW, device, f.code, attrs)]
+            return self._aer(f, device, raw, now_ms)
         if f.kind == "oom":
             pid = f.pid or 0
             seen = self._oom_seen.get(pid)
@@ -401,6 +415,23 @@ class KernelLogInterpreter:
         if f.kind == "link":
             return self._link(f, raw, t_us, now_ms)
         return []
+
+    def _aer(self, f: Finding, device: str, raw: str, now_ms: int) -> list[Event]:
+        """On the GPU in error, on each GPU below the port in error, or on the PCI address."""
+        attrs: dict[str, AttrValue] = {"raw": raw, **f.detail}
+        gpu, norm = self.gpu_entity(device)
+        if not gpu.startswith("gpu-pci-"):
+            return [_event(now_ms, EventType.ERROR_HW, gpu, f.code, {**attrs, "pci": norm})]
+        try:
+            below = list(self.gpus_below(norm))
+        except Exception:  # a failing lookup must not lose the error itself
+            log.debug("gpus_below(%s) failed", norm, exc_info=True)
+            below = []
+        events = []
+        for addr in below:
+            entity, gpu_norm = self.gpu_entity(addr)
+            events.append(_event(now_ms, EventType.ERROR_HW, entity, f.code, {**attrs, "pci": gpu_norm, "via": norm}))
+        return events or [_event(now_ms, EventType.ERROR_HW, device, f.code, attrs)]
 
     def _link(self, f: Finding, raw: str, t_us: int, now_ms: int) -> list[Event]:
         dev = f.device or "net"
