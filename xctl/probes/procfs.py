@@ -53,7 +53,7 @@ from typing import Final
 from xctl.core.errors import ProbeError
 from xctl.core.events import AttrValue, Event, EventType
 from xctl.probes._spec import parse_duration, split_pairs
-from xctl.probes.base import ProbeContext
+from xctl.probes.base import ProbeContext, run_every
 from xctl.probes.jobid import NO_IDENTITY, JobIdentity, identify
 
 log = logging.getLogger(__name__)
@@ -425,12 +425,7 @@ class ProcfsProbe:
         )
 
     def run(self, ctx: ProbeContext) -> None:
-        while not ctx.stop.is_set():
-            for event in self.sample(ctx.clock(), ctx.bad):
-                ctx.emit(event)
-            ctx.beat()
-            if ctx.stop.wait(self.interval_s):
-                break
+        run_every(ctx, self.interval_s, self.sample)
 
     # -- file access --
 
