@@ -300,6 +300,7 @@ def exported_names() -> set[str]:
     handle(agg.queries, "ps", {}, agg.handlers)
     agent = Agent(AgentConfig(node="n1", probes=["sim"]))
     agent.supervisor.slots[0].bad["bad_json"] = 1
+    agent.supervisor.slots[0].record_cycle(0.001)
     agent.drops.count("pub_hwm")
     names: set[str] = set()
     for registry in (make_registry(agg), agent_registry(agent)):
