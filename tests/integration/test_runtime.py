@@ -81,8 +81,14 @@ def test_why_json_names_the_remote_root_cause(cluster: Cluster) -> None:
     assert data["apiVersion"] == "xctl/v1"
     assert data["kind"] == "Why"
     assert (data["root_cause"]["entity"], data["root_cause"]["code"]) == ("gpu-3", "XID_79")
-    assert data["target"] == {"node": "nodeA", "pid": 4801, "name": "python3", "job": "job-9", "rank": 1,
-                              "state": data["target"]["state"]}
+    assert data["target"] == {
+        "node": "nodeA",
+        "pid": 4801,
+        "name": "python3",
+        "job": "job-9",
+        "rank": 1,
+        "state": data["target"]["state"],
+    }
     assert [s["edge"] for s in data["chain"]][:2] == ["WaitsOn", "Member"]
 
 
@@ -103,8 +109,9 @@ def test_aggregator_not_running_exits_3_within_the_timeout() -> None:
     port = free_port_base()
     env = {**os.environ, "XCTL_AGGREGATOR": f"127.0.0.1:{port}"}
     started = time.monotonic()
-    result = subprocess.run([*XCTL, "ps", "--timeout", "1"], capture_output=True, text=True, env=env, timeout=30,
-                            check=False)
+    result = subprocess.run(
+        [*XCTL, "ps", "--timeout", "1"], capture_output=True, text=True, env=env, timeout=30, check=False
+    )
     elapsed = time.monotonic() - started
     assert result.returncode == 3
     assert "did not answer" in result.stderr
@@ -114,8 +121,11 @@ def test_aggregator_not_running_exits_3_within_the_timeout() -> None:
 def test_agent_stops_gracefully_on_sigterm_within_two_seconds(cluster: Cluster) -> None:
     cluster.aggregator()
     agent = cluster.agent("nodeS", "sim:gpus=2,ranks=2,nodes=1,interval=200ms")
-    wait_for(lambda: any(n["node"] == "nodeS" for n in cluster.query("nodes")["items"]), timeout=15,
-             what="nodeS to say hello")
+    wait_for(
+        lambda: any(n["node"] == "nodeS" for n in cluster.query("nodes")["items"]),
+        timeout=15,
+        what="nodeS to say hello",
+    )
     started = time.monotonic()
     code = agent.stop(signal.SIGTERM)
     assert time.monotonic() - started < 2.0
@@ -137,8 +147,13 @@ def test_demo_runs_to_completion_and_names_a_root_cause_on_another_node() -> Non
 def test_an_explicit_probe_that_cannot_run_here_is_a_usage_error() -> None:
     import subprocess
 
-    result = subprocess.run([*XCTL, "agent", "--node", "x", "--probe", "kmsg:path=/nonexistent/kmsg"],
-                            capture_output=True, text=True, timeout=30, check=False)
+    result = subprocess.run(
+        [*XCTL, "agent", "--node", "x", "--probe", "kmsg:path=/nonexistent/kmsg"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert result.returncode == 2
     assert "--probe kmsg:path=/nonexistent/kmsg" in result.stderr
     assert "not readable" in result.stderr
@@ -167,3 +182,15 @@ def test_default_probes_that_cannot_run_are_shown_disabled_with_the_reason(clust
     nvml = wait_for(nvml_state, timeout=15, what="the agent's probe states")
     assert nvml["state"] == "disabled"
     assert "NVML" in nvml["detail"]
+
+
+def test_the_aggregator_daemon_runs_the_collector_on_its_schedule(cluster: Cluster) -> None:
+    """GC pauses are visibility lag: the daemon freezes survivors every second (xctl.gcpolicy)."""
+    cluster.aggregator()
+
+    def two_freezes() -> dict[str, float] | None:
+        stats = cluster.query("health")["counters"].get("gc") or {}
+        return stats if stats.get("freezes", 0) >= 2 else None
+
+    stats = wait_for(two_freezes, timeout=10, what="two scheduled freezes in health")
+    assert stats["pause_ms_max"] < 1000

@@ -41,6 +41,7 @@ from xctl.core.clock import Clock
 from xctl.core.cluster import ClusterGraph, LivenessConfig
 from xctl.core.errors import NotAuthorisedError, ProtocolError, UsageError, XctlError
 from xctl.core.graph import GraphLimits
+from xctl.gcpolicy import GcPolicy
 from xctl.sysclock import mono_s, wall_ms
 from xctl.wire.codec import DropCounter
 from xctl.wire.curve import (
@@ -113,6 +114,9 @@ class AggregatorConfig:
     #: nodes, so beyond this new names are refused (counted as ``node_limit``) rather than
     #: growing memory without bound; known nodes are never refused.
     max_nodes: int = DEFAULT_MAX_NODES
+    #: Run the garbage collector on the daemon's schedule (xctl.gcpolicy): on for the real
+    #: daemons, off for aggregators embedded in other processes (tests).
+    gc_policy: bool = False
 
 
 @dataclass
@@ -175,6 +179,7 @@ class Aggregator:
         self.cluster = ClusterGraph(clock, config.limits, config.liveness)
         self.ingest = Ingest(self.cluster, self._request_snapshot)
         self.drops = DropCounter()
+        self.gc = GcPolicy() if config.gc_policy else None
         self.peers: dict[str, ControlPeer] = {}
         self.queries = QueryState(self.cluster, self.start_id, clock(), self.counters, enrich=enrich)
         self.handlers = dict(handlers or HANDLERS)
@@ -210,6 +215,8 @@ class Aggregator:
     # ---------------------------------------------------------------- run
     def run(self) -> None:
         _raise_fd_limit()
+        if self.gc is not None:
+            self.gc.start()
         ctx = self._context or zmq.Context()
         eps = endpoints(self.config.bind, self.config.port)
         sockets: list[zmq.Socket[bytes]] = []
@@ -287,6 +294,8 @@ class Aggregator:
                     self._warn_insecure()
                 self.ingest.pump()
                 self.commands.tick()
+                if self.gc is not None:
+                    self.gc.tick()
             if now - last_beat >= HEARTBEAT_S:
                 last_beat = now
                 self._heartbeat_agents()
@@ -647,6 +656,7 @@ class Aggregator:
             "syncing": self.ingest.syncing(),
             "dropped": {**self.drops.as_dict(), **self.ingest.drops.as_dict()},
             "commands": dict(self.commands.counts),
+            **({"gc": self.gc.stats()} if self.gc is not None else {}),
         }
 
 

@@ -233,6 +233,7 @@ def run(
             metrics_port=metrics_port,
             metrics_bind="127.0.0.1",
             audit_log=audit_log,
+            gc_policy=True,
         ),
         enrich=load_enricher(rules_dirs),
     )
@@ -378,6 +379,7 @@ def aggregator(
             keys=keys_dir,
             insecure=insecure,
             max_nodes=max_nodes,
+            gc_policy=True,
         ),
         enrich=load_enricher(rules_dirs),
     )
