@@ -18,6 +18,13 @@ class Node:
         self.other: Node | None = None
 
 
+def cyclic_garbage_probe() -> weakref.ref[Node]:
+    """Make two nodes that reference each other, drop them, and return a weak ref to one."""
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    return weakref.ref(a)
+
+
 @pytest.fixture
 def clock() -> Iterator[list[float]]:
     now = [1000.0]
@@ -45,23 +52,26 @@ def test_survivors_are_frozen_on_schedule_and_not_before(clock: list[float]) -> 
 def test_young_cyclic_garbage_is_collected_before_the_freeze(clock: list[float]) -> None:
     gc.unfreeze()
     p = policy(clock)
-    a, b = Node(), Node()
-    a.other, b.other = b, a
-    gone = weakref.ref(a)
-    del a, b
-    clock[0] += 1.0
-    p.tick()
-    assert gone() is None
+    gc.disable()  # no automatic collection may beat the policy to it
+    try:
+        gone = cyclic_garbage_probe()
+        assert gone() is not None
+        clock[0] += 1.0
+        p.tick()
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 def test_cyclic_garbage_frozen_by_mistake_is_freed_by_the_full_collection(clock: list[float]) -> None:
     gc.unfreeze()
     p = policy(clock)
-    a, b = Node(), Node()
-    a.other, b.other = b, a
-    gone = weakref.ref(a)
-    gc.freeze()  # frozen while still alive
-    del a, b
+    gc.disable()  # keep the cycle alive until it is frozen
+    try:
+        gone = cyclic_garbage_probe()
+        gc.freeze()
+    finally:
+        gc.enable()
     gc.collect()
     assert gone() is not None  # a frozen cycle is out of the collector's reach …
     clock[0] += 60.0
