@@ -37,8 +37,8 @@ PROCFS = "procfs:interval=200ms,watch=zaptree-.*"
 def trees(tmp_path: Path) -> Iterator[Callable[[str], Any]]:
     made: list[Any] = []
 
-    def make(spec: str) -> Any:
-        tree = zaptree.Tree(tmp_path / f"tree-{len(made)}.pids", spec)
+    def make(spec: str, env: dict[str, str] | None = None) -> Any:
+        tree = zaptree.Tree(tmp_path / f"tree-{len(made)}.pids", spec, env=env)
         made.append(tree)
         return tree
 
@@ -287,3 +287,42 @@ def test_an_agent_that_is_down_gives_a_clear_error_at_once(zc: ZapCluster, trees
     assert all(alive(p) for p in tree.members)
     (record,) = zc.lines(zc.agg_audit)
     assert record["result"] == "NODE_DOWN"
+
+
+def test_zap_job_ends_every_rank_tree_of_the_job_and_nothing_else(zc: ZapCluster, trees: Callable[..., Any]) -> None:
+    ranks = [trees("sleeper,parent", {"SLURM_JOB_ID": "zjob-7", "SLURM_PROCID": str(r)}) for r in (0, 1)]
+    other = trees("sleeper")
+    for tree in (*ranks, other):
+        zc.known(tree)
+
+    def job_known() -> bool:
+        rows = zc.cluster.query("ps", job="zjob-7", all=False)["items"]
+        return {r["pid"] for r in rows} >= {p for t in ranks for p in t.members}
+
+    wait_for(job_known, timeout=15, what="both rank trees to carry job zjob-7")
+
+    preview = zc.cluster.cli("zap", "job:zjob-7", "--dry-run", "-o", "json")
+    assert preview.returncode == 0, preview.stderr
+    plan = json.loads(preview.stdout)
+    assert plan["kind"] == "ZapJobPreview" and plan["nodes"] == ["n1"]
+    assert {r["pid"] for r in plan["roots"]} == {t.pid("root") for t in ranks}  # the tops of the job's trees
+    assert [r["rank"] for r in plan["roots"]] == [0, 1]
+    assert all(alive(p) for t in ranks for p in t.members), "--dry-run kills nothing"
+
+    refused = zc.cluster.cli("zap", "job:zjob-7")
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    assert all(alive(p) for t in ranks for p in t.members)
+
+    code, result, _took = zc.zap_json("job:zjob-7", "--grace", "1")
+    assert code == 0, json.dumps(result)[:3000]
+    assert result["kind"] == "ZapJobResult" and result["ok"] is True and result["job"] == "zjob-7"
+    assert sorted(r["target"]["pid"] for r in result["results"]) == sorted(t.pid("root") for t in ranks)
+    assert {r["outcome"] for r in result["results"]} == {"DONE"}
+    assert not any(alive(p) for t in ranks for p in t.members)
+    assert all(alive(t.pid("launcher")) for t in ranks), "the launchers are outside the job"
+    assert all(alive(p) for p in other.members), "a process outside the job was hit"
+    audited = [r for r in zc.lines(zc.agg_audit) if r["event"] == "outcome"]
+    assert len(audited) == 2 and {r["result"] for r in audited} == {"DONE"}
+
+    gone = zc.cluster.cli("zap", "job:zjob-7", "--yes")
+    assert gone.returncode == 4 and "no live process" in gone.stderr

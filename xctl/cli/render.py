@@ -34,7 +34,8 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def _table(columns: Sequence[str]) -> Table:
+def simple_table(columns: Sequence[str]) -> Table:
+    """A borderless table with bold headers: every listing the CLI prints."""
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold", padding=(0, 2, 0, 0))
     for col in columns:
         table.add_column(col, no_wrap=True, overflow="ellipsis")
@@ -61,7 +62,7 @@ def render_ps(con: Console, data: Mapping[str, Any], *, wide: bool = False) -> N
     cols = ["NODE", "PID", "NAME", "JOB", "RANK", "STATE", "GPU", "UTIL%", "MEM(MiB)", "VERDICT"]
     if wide:
         cols += ["STARTED", "CMDLINE"]
-    table = _table(cols)
+    table = simple_table(cols)
     for row in items:
         gpus = row.get("gpus") or []
         gpu = ",".join(g["gpu"] for g in gpus) or "-"
@@ -92,7 +93,7 @@ def render_nodes(con: Console, data: Mapping[str, Any]) -> None:
     if not items:
         con.print("no nodes have reported yet")
         return
-    table = _table(["NODE", "STATE", "LAST SEEN", "EPOCH", "EVENTS", "RESYNCS", "PROCS", "ERRORS", "PROBES"])
+    table = simple_table(["NODE", "STATE", "LAST SEEN", "EPOCH", "EVENTS", "RESYNCS", "PROCS", "ERRORS", "PROBES"])
     for row in items:
         probes = " ".join(
             f"{p['name']}" + ("" if p.get("state") == "running" else f"({p.get('state')})")
@@ -117,7 +118,7 @@ def render_jobs(con: Console, data: Mapping[str, Any]) -> None:
     if not items:
         con.print("no jobs")
         return
-    table = _table(["JOB", "RANKS", "WORLD", "NODES", "STATE"])
+    table = simple_table(["JOB", "RANKS", "WORLD", "NODES", "STATE"])
     for row in items:
         nodes = row.get("nodes", [])
         shown = ",".join(nodes[:4]) + (f",+{len(nodes) - 4}" if len(nodes) > 4 else "")
@@ -190,7 +191,7 @@ def render_why(con: Console, data: Mapping[str, Any]) -> None:
 
 
 def render_rules(con: Console, items: Sequence[Mapping[str, Any]]) -> None:
-    table = _table(["ID", "SCENE", "SEVERITY", "ACTION", "SOURCE"])
+    table = simple_table(["ID", "SCENE", "SEVERITY", "ACTION", "SOURCE"])
     for row in items:
         table.add_row(row["id"], row["scene"], row["severity"], row["action"], str(row["source"]))
     con.print(table)

@@ -16,28 +16,21 @@ GPU memory still held), was refused, or the outcome is unknown (TIMEOUT), or the
 
 from __future__ import annotations
 
-import getpass
-import os
-import socket
 import sys
-import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Final
 
 import click
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from xctl.agent.actuator import MAX_GRACE_S, parse_signal
-from xctl.aggregator.commands import DEADLINE_MARGIN_S
 from xctl.cli import config, render
 from xctl.cli.common import client_options, guarded, make_client
+from xctl.cli.zap_exec import execute
+from xctl.cli.zap_job import JobZap
 from xctl.core.errors import NotFoundError, UsageError
 from xctl.core.targets import parse_target
-
-#: The CLI waits this much longer than the command's deadline (the aggregator's TIMEOUT reply).
-CLIENT_MARGIN_S: Final = 3.0
 
 _OUTCOME_STYLE: Final = {
     "terminated": "green",
@@ -89,18 +82,24 @@ def zap(
     timeout: float | None,
     keys: str | None,
 ) -> None:
-    """End the process tree of TARGET (node:pid or pid): SIGTERM, then SIGKILL after the grace period.
+    """End the process tree of TARGET (node:pid, pid or job:ID): SIGTERM, then SIGKILL after the grace period.
 
     Shows the tree first and asks; reports what happened to every process (zombies and
     processes stuck in D state are reported, not hidden). Exit 0 only when the whole tree is gone.
+    job:ID ends every rank's tree of the job on every node (type the job id back to confirm).
     """
     parsed = parse_target(target, default_node=node)
-    if parsed.job is not None or parsed.pid is None:
-        raise UsageError("zap takes node:pid or pid (one process and its descendants), not a job")
     sig = parse_signal(signal_name)
     if not 0 <= grace <= MAX_GRACE_S:
         raise UsageError(f"--grace: expected seconds between 0 and {MAX_GRACE_S:g}")
     base_timeout = _timeout(timeout)
+    if parsed.job is not None:
+        if create_time is not None:
+            raise UsageError("--create-time is for one process (node:pid), not a job")
+        plan = JobZap(parsed.job, sig.name.removeprefix("SIG"), grace, aggregator, base_timeout)
+        sys.exit(plan.run(dry_run=dry_run, yes=yes, output=output))
+    if parsed.pid is None:
+        raise UsageError("zap takes node:pid, pid or job:ID")
     want: dict[str, Any] = {"node": parsed.node, "pid": parsed.pid}
     if create_time is not None:
         want["create_time"] = create_time
@@ -151,17 +150,7 @@ def zap(
             shown.print("nothing was done")
             sys.exit(1)
 
-    deadline_s = grace + DEADLINE_MARGIN_S
-    args = {
-        "command_id": uuid.uuid4().hex,
-        "target": {"node": node_name, "pid": parsed.pid, "create_time": float(ctime)},
-        "signal": sig.name.removeprefix("SIG"),
-        "grace_s": grace,
-        "deadline_s": deadline_s,
-        "requested_by": requester(),
-    }
-    with make_client(aggregator, max(base_timeout, deadline_s + CLIENT_MARGIN_S)) as client:
-        result = client.request("zap", args)
+    result = execute(aggregator, base_timeout, node_name, parsed.pid, float(ctime), sig.name.removeprefix("SIG"), grace)
     if output == "json":
         render.print_json(result)
     else:
@@ -176,23 +165,7 @@ def _timeout(flag: float | None) -> float:
         raise UsageError(f"timeout must be a number of seconds: {exc}") from exc
 
 
-def requester() -> str:
-    """Who asks, for the audit logs: user@host (authenticated identities come with CURVE keys)."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = f"uid{os.getuid()}"
-    return f"{user}@{socket.gethostname().split('.')[0]}"
-
-
 # ------------------------------------------------------------------------------ rendering
-
-
-def _table(columns: Sequence[str]) -> Table:
-    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold", padding=(0, 2, 0, 0))
-    for col in columns:
-        table.add_column(col, no_wrap=True, overflow="ellipsis")
-    return table
 
 
 def _mib(value: Any) -> str:
@@ -221,7 +194,7 @@ def render_preview(con: Console, data: Mapping[str, Any]) -> None:
             style="yellow",
             markup=False,
         )
-    table = _table(["PID", "PPID", "NAME", "STATE", "GPU MEMORY"])
+    table = render.simple_table(["PID", "PPID", "NAME", "STATE", "GPU MEMORY"])
     for row in tree:
         gpus = ", ".join(f"{g['gpu']} {_mib(g.get('mem_used_mib'))}" for g in row.get("gpus") or []) or "-"
         table.add_row(
@@ -246,7 +219,7 @@ def render_result(con: Console, data: Mapping[str, Any]) -> None:
     con.print(head)
     tree = data.get("tree") or []
     if tree:
-        table = _table(["PID", "NAME", "OUTCOME", "DETAIL"])
+        table = render.simple_table(["PID", "NAME", "OUTCOME", "DETAIL"])
         for row in tree:
             out = str(row.get("outcome"))
             detail = row.get("detail") or row.get("reason") or ""

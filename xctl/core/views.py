@@ -52,6 +52,7 @@ def process_row(node: str, graph: NodeGraph, proc: Process) -> dict[str, Any]:
         "verdict": quick_verdict(graph, proc),
         "create_time": proc.create_time,
         "cmdline": proc.attrs.get("cmdline"),
+        "ppid": proc.attrs.get("ppid"),
     }
 
 
