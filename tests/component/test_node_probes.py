@@ -1,6 +1,6 @@
 """The node probes against THIS machine's real /proc, /sys and /dev/kmsg.
 
-Synchronisation is by deadline loops over samples, never by fixed sleeps.
+Synchronisation is by waiting.wait_for over samples, never by fixed sleeps.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 import psutil
 import pytest
+from waiting import wait_for
 
 from xctl.core.events import Event, EventType
 from xctl.probes.base import ProbeContext
@@ -34,13 +35,16 @@ def now_ms() -> int:
 def sample_until(probe: ProcfsProbe, found: Callable[[Event], bool], seen: list[Event] | None = None) -> list[Event]:
     """Sample until an event satisfies ``found``; returns every event seen on the way."""
     seen = [] if seen is None else seen
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline:
+
+    def sampled() -> bool:
         seen.extend(probe.sample(now_ms()))
-        if any(found(e) for e in seen):
-            return seen
-        time.sleep(0.02)
-    raise AssertionError(f"no matching event within {DEADLINE_S}s; saw {[(e.pid, e.value) for e in seen]}")
+        return any(found(e) for e in seen)
+
+    try:
+        wait_for(sampled, timeout=DEADLINE_S, what="a matching event", interval=0.02)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; saw {[(e.pid, e.value) for e in seen]}") from None
+    return seen
 
 
 def ours(pid: int, value: str) -> Callable[[Event], bool]:
@@ -49,7 +53,7 @@ def ours(pid: int, value: str) -> Callable[[Event], bool]:
 
 @pytest.fixture
 def child() -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # the workload: a process to see
     yield proc
     proc.kill()
     proc.wait()
@@ -142,11 +146,14 @@ def test_kmsg_starts_at_the_end_and_stops_quickly() -> None:
         marker = f"xctl component test marker {uuid.uuid4()} (ignore)"
         with open("/dev/kmsg", "w") as fh:
             fh.write(f"<6>{marker}\n")
-        deadline, got = time.monotonic() + DEADLINE_S, list[KmsgRecord]()
-        while time.monotonic() < deadline and not any(marker in r.message for r in got):
-            probe.wait_readable(0.1)
+        got = list[KmsgRecord]()
+
+        def marker_back() -> bool:
+            probe.wait_readable(0.1)  # blocks until there is something to read (0.1 s at most)
             got.extend(probe.read_records()[0])
-        assert any(marker in r.message for r in got)
+            return any(marker in r.message for r in got)
+
+        wait_for(marker_back, timeout=DEADLINE_S, what="the marker back through the reader", interval=0)
     probe.close()
 
     emitted: list[Event] = []

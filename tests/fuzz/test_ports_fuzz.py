@@ -39,6 +39,7 @@ import msgpack
 import pytest
 import zmq
 from waiting import wait_for
+from zmq.utils.monitor import recv_monitor_message
 
 from xctl.cli.daemons import free_port_base
 from xctl.core.errors import ProtocolError, XctlError
@@ -71,6 +72,11 @@ FUZZER = "fuzzer"
 # Waits poll the daemons every POLL_S; an XctlError there (no answer yet) counts as "not yet".
 POLL_S = 0.1
 NOT_YET = (XctlError,)
+#: Counters count as settled when two readings this far apart agree.
+SETTLE_S = 0.2
+#: After the oversized frames: how long xctl is watched for seeing any of them (it must not), an
+#: observation window rather than synchronisation.
+OVERSIZED_WATCH_S = 0.5
 
 E = [
     Event(1_732_350_000_123, EventType.ERROR_HW, "gpu-3", "XID_79", 4812, None, {"pci": "0000:3b:00.0"}),
@@ -348,7 +354,7 @@ def test_every_aggregator_port_survives_fuzzing(tmp_path: Path, ctx: zmq.Context
     pids_before = wait_for(two_running, timeout=20, what="real1's processes", interval=POLL_S, ignoring=NOT_YET)
     why_before = fz.client.request("why", {"target": f"real1:{min(pids_before)}"})
     agent.stop()
-    time.sleep(0.5)
+    _settled(fz)  # the stopped agent's last messages taken in before the RSS baseline
     rss_before = rss_kib(agg.proc.pid)
     report: dict[str, Any] = {}
 
@@ -356,9 +362,13 @@ def test_every_aggregator_port_survives_fuzzing(tmp_path: Path, ctx: zmq.Context
     pub = fz.socket(zmq.PUB, SNDHWM=0)
     pub.connect(fz.eps.events)
     start = fz.health()
-    while fz.health()["received"]["events"] == start["received"]["events"]:
-        pub.send_multipart([b"ev", b"\xc1"])  # joins when the subscription has arrived
-        time.sleep(0.05)
+
+    def subscribed() -> bool:
+        pub.send_multipart([b"ev", b"\xc1"])  # gets through once the subscription has arrived
+        return bool(fz.health()["received"]["events"] != start["received"]["events"])
+
+    wait_for(subscribed, timeout=30, what="the aggregator's subscription to reach the fuzzer", interval=0.05,
+             ignoring=NOT_YET)
     before = _settled(fz)
     mut = Mutator(rng, _bases_events(), EVENTS_MAX)
     sent = expected_drops = filtered = 0
@@ -444,14 +454,10 @@ def test_every_aggregator_port_survives_fuzzing(tmp_path: Path, ctx: zmq.Context
         (fz.eps.query, zmq.DEALER, QUERY_MAX, lambda p: [b"", p]),
     ):
         for _ in range(3):
-            sock = fz.socket(kind)
-            sock.connect(endpoint)
-            time.sleep(0.05)
-            sock.send_multipart(shape(b"\x92" + b"\xc0" * limit))
-            oversized += 1
-            time.sleep(0.05)
-            sock.close()
-    time.sleep(0.5)
+            oversized += _send_until_dropped(fz, kind, endpoint, shape(b"\x92" + b"\xc0" * limit))
+    # An observation window (what must NOT happen: xctl seeing any of them), then the counters
+    # once they have stopped moving.
+    time.sleep(OVERSIZED_WATCH_S)
     after = _settled(fz)
     polls = after["_polls"] - before["_polls"]
     seen = {k: after["received"][k] - before["received"][k] - (polls if k == "query" else 0) for k in after["received"]}
@@ -487,18 +493,56 @@ def test_every_aggregator_port_survives_fuzzing(tmp_path: Path, ctx: zmq.Context
 
 
 def _settled(fz: AggregatorFuzz) -> dict[str, Any]:
-    """Counters once they stop moving (nothing left in flight)."""
-    last = fz.health()
-    while True:
-        time.sleep(0.2)
+    """Counters once they stop moving (nothing left in flight): two readings SETTLE_S apart agree."""
+    readings: list[dict[str, Any]] = []
+
+    def still() -> dict[str, Any] | None:
         now = fz.health()
-        same = now["received"]["events"] == last["received"]["events"] and (
+        last = readings[-1] if readings else None
+        readings.append(now)
+        same = last is not None and now["received"]["events"] == last["received"]["events"] and (
             now["received"]["control"] == last["received"]["control"]
         ) and now["dropped"] == last["dropped"]
-        if same:
-            now["_polls"] = fz.polls
-            return now
-        last = now
+        if not same:
+            return None
+        now["_polls"] = fz.polls
+        return now
+
+    return wait_for(still, timeout=120, what="the aggregator's counters to stop moving", interval=SETTLE_S)
+
+
+def _send_until_dropped(fz: AggregatorFuzz, kind: int, endpoint: str, frames: list[bytes]) -> int:
+    """Connect a fresh socket and send ``frames`` (an oversized message) until libzmq drops the
+    connection over it: a PUB drops a message itself until the subscription has arrived. The
+    number of sends."""
+    sock = fz.socket(kind)
+    monitor = sock.get_monitor_socket()
+    seen: set[int] = set()
+    sends = 0
+
+    def had(event: int) -> bool:
+        while monitor.poll(0):
+            seen.add(recv_monitor_message(monitor)["event"])
+        return event in seen
+
+    def dropped() -> bool:
+        nonlocal sends
+        if had(zmq.EVENT_DISCONNECTED):
+            return True
+        sock.send_multipart(frames)
+        sends += 1
+        return False
+
+    try:
+        sock.connect(endpoint)
+        wait_for(lambda: had(zmq.EVENT_HANDSHAKE_SUCCEEDED), timeout=10, what="the fuzzer's connection",
+                 interval=0.01)
+        wait_for(dropped, timeout=10, what="libzmq to disconnect the sender of an oversized frame")
+    finally:
+        sock.disable_monitor()
+        monitor.close(0)
+        sock.close()
+    return sends
 
 
 def _caught_up(fz: AggregatorFuzz, before: dict[str, Any], port: str, sent: int,
@@ -574,7 +618,8 @@ def test_the_agent_control_socket_survives_fuzzing(tmp_path: Path, ctx: zmq.Cont
     rid = hello()
     metrics_before = wait_for(lambda: _agent_metrics(mport), timeout=15, what="the agent's /metrics", interval=POLL_S,
                               ignoring=NOT_YET)
-    time.sleep(0.3)
+    # Up and sampling (its first batch is here) before the RSS baseline.
+    wait_for(lambda: sub.poll(0), timeout=15, what="the agent's first event batch")
     rss_before = rss_kib(agent.proc.pid)
     received_before = _agent_received(_agent_metrics(mport))
     mut = Mutator(rng, _bases_control("fz"), CONTROL_MAX)

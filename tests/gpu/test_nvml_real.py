@@ -100,7 +100,7 @@ print("ready", flush=True)
 if mode == "spin":
     arg = ctypes.c_uint64(200_000_000)  # about 0.1 s per launch at 2 GHz
     params = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.pointer(arg), ctypes.c_void_p))
-    end = time.monotonic() + seconds
+    end = time.monotonic() + seconds  # the workload's duration, not a wait
     while time.monotonic() < end:
         check(cuda.cuLaunchKernel(fn, 1024, 1, 1, 128, 1, 1, 0, None, params, None), "cuLaunchKernel")
         check(cuda.cuCtxSynchronize(), "cuCtxSynchronize")
@@ -109,7 +109,7 @@ else:
     params = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.pointer(arg), ctypes.c_void_p))
     check(cuda.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, None, params, None), "cuLaunchKernel")
     print("synchronize returned", cuda.cuCtxSynchronize(), flush=True)  # 700 = illegal address
-    time.sleep(seconds)
+    time.sleep(seconds)  # stays up holding the faulted context (the workload), not synchronisation
 print("done", flush=True)
 '''
 
@@ -121,7 +121,7 @@ import torch
 a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
 torch.cuda.synchronize()
 print("ready", flush=True)
-end = time.monotonic() + float(sys.argv[2])
+end = time.monotonic() + float(sys.argv[2])  # the workload's duration, not a wait
 while time.monotonic() < end:
     b = a @ a
     torch.cuda.synchronize()

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_for
 from test_diag import Live  # the in-process aggregator + replaying agent of the always-on tests
 
 from xctl.cli.daemons import load_enricher
@@ -80,14 +81,21 @@ def llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc = subprocess.Popen([str(SERVE), str(port)], stdout=sink, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     base_url = f"http://127.0.0.1:{port}/v1"
+
+    def up_or_gone() -> str | None:
+        if _healthy(base_url):
+            return "up"
+        return "gone" if proc.poll() is not None else None
+
     try:
-        deadline = time.monotonic() + 120
-        while not _healthy(base_url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-3000:]
-                pytest.fail(f"llama-server did not come up (exit {proc.poll()}); ran scripts/real_llm/setup.sh?\n"
-                            f"{tail}")
-            time.sleep(0.5)
+        try:
+            state = wait_for(up_or_gone, timeout=120, what="llama-server to answer /health", interval=0.5)
+        except AssertionError:
+            state = "late"
+        if state != "up":
+            tail = log.read_text(errors="replace")[-3000:]
+            pytest.fail(f"llama-server did not come up (exit {proc.poll()}); ran scripts/real_llm/setup.sh?\n"
+                        f"{tail}")
         yield base_url
     finally:
         if proc.poll() is None:

@@ -79,6 +79,7 @@ trigger, done, total, pids = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys
 for pid in range(pids):
     print(json.dumps({"type": "process.state", "entity": "load", "pid": 1000 + pid, "value": "start",
                       "job": "job-load", "attrs": {"name": "load", "rank": pid, "create_time": 1.0}}), flush=True)
+# Polls for the test's go file (a condition, not a fixed delay); the agent ends this script.
 while not os.path.exists(trigger):
     time.sleep(0.05)
 out = sys.stdout
@@ -91,9 +92,9 @@ for first in range(0, total, chunk):
     out.flush()
     delay = start + (first + chunk) / 15000 - time.monotonic()
     if delay > 0:
-        time.sleep(delay)
+        time.sleep(delay)  # the pacing itself: the workload, not synchronisation
 open(done, "w").close()
-while True:
+while True:  # stays up (an exec probe that ends looks like a crash) until the agent stops it
     time.sleep(1)
 """
 

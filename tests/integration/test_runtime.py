@@ -27,7 +27,7 @@ lines = [
 for line in lines:
     print(json.dumps(line), flush=True)
 print("not json at all", flush=True)
-while True:
+while True:  # the probe's own pace (a sample every 0.5 s), not synchronisation
     time.sleep(0.5)
     print(json.dumps({"type": "compute.util", "entity": "gpu-0", "value": 0}), flush=True)
 """

@@ -197,7 +197,7 @@ class FakeNvml:
             release.wait(30)
         delay = self._delays.get(fn)
         if delay:
-            time.sleep(delay)
+            time.sleep(delay)  # a slow call on purpose (the workload under test), not synchronisation
         gpu = handle.gpu if handle is not None else None
         if gpu is not None and gpu.lost:
             raise NVMLError(NVML_ERROR_GPU_IS_LOST)

@@ -7,11 +7,11 @@ recorded in lists instead of sockets (the sockets are covered by tests/integrati
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import wait_for
 
 from xctl.aggregator.commands import CommandRouter, Deferred, NodeUnavailableError
 from xctl.core.clock import ManualClock
@@ -73,6 +73,11 @@ class Harness:
         }
         base.update(args)
         return self.router.op_zap(None, base)
+
+    def ticked(self) -> list[tuple[str, dict[str, Any]]]:
+        """One tick of the router (its deadlines run on the real clock); the answers so far."""
+        self.router.tick()
+        return self.done
 
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.audit.read_text().splitlines()] if self.audit.exists() else []
@@ -173,10 +178,7 @@ def test_timeout_at_the_deadline_then_a_late_result_is_recorded(tmp_path: Path) 
     command = h.sent[0][1]
     h.router.tick()
     assert h.done == []
-    deadline = time.monotonic() + 5
-    while not h.done and time.monotonic() < deadline:
-        time.sleep(0.01)
-        h.router.tick()
+    wait_for(h.ticked, timeout=5, what="the TIMEOUT answer", interval=0.01)
     (_key, answer), = h.done
     assert answer["ok"] is False and answer["outcome"] == "TIMEOUT" and answer["acked"] is False
     assert "never acknowledged" in answer["reason"]
@@ -194,10 +196,7 @@ def test_timeout_after_an_ack_says_the_zap_may_still_complete(tmp_path: Path) ->
     h = Harness(tmp_path)
     h.zap(deadline_s=0.05)
     h.router.on_ack(Ack("c1", "node3"))
-    deadline = time.monotonic() + 5
-    while not h.done and time.monotonic() < deadline:
-        time.sleep(0.01)
-        h.router.tick()
+    wait_for(h.ticked, timeout=5, what="the TIMEOUT answer after an ack", interval=0.01)
     answer = h.done[0][1]
     assert answer["acked"] is True and "may still complete" in answer["reason"]
 

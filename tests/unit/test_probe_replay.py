@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_for
 
 from xctl.core.errors import ProbeError
 from xctl.core.events import Event, EventType
@@ -160,9 +160,7 @@ def test_probe_emits_everything_then_idles_until_stopped(tmp_path: Path) -> None
     )
     thread = threading.Thread(target=probe.run, args=(ctx,), daemon=True)
     thread.start()
-    deadline = time.monotonic() + 2
-    while not beats and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: beats, timeout=2, what="the probe's first beat (the scene played)", interval=0.01)
     assert [(e.value, e.ts) for e in events] == [("a", NOW - 1000), ("b", NOW)]
     assert bad == ["bad_event"]
     assert thread.is_alive()  # idles rather than ending (ending would look like a crash)

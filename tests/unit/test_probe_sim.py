@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from waiting import wait_for
 
 from xctl.core.clock import ManualClock
 from xctl.core.cluster import ClusterGraph, LivenessConfig
@@ -487,10 +488,10 @@ def test_probe_runs_and_stops() -> None:
     probe = SimProbe.from_spec("gpus=2,ranks=4,nodes=2,interval=20ms,fault=xid13@gpu-1:after=50ms")
     thread = threading.Thread(target=probe.run, args=(ctx,), daemon=True)
     thread.start()
-    deadline = time.monotonic() + 3
-    while not of(list(events), EventType.ERROR_HW) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    ctx.stop.set()
+    try:
+        wait_for(lambda: of(list(events), EventType.ERROR_HW), timeout=3, what="the xid13 fault", interval=0.01)
+    finally:
+        ctx.stop.set()
     thread.join(2)
     assert not thread.is_alive()
     assert len(of(events, EventType.PROCESS_STATE, "start")) == 2

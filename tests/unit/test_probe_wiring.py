@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from fake_nvml import FakeNvml
+from waiting import wait_for
 
 from xctl.agent.wiring import GpuView, link
 from xctl.probes.kmsg import KmsgProbe
@@ -32,11 +33,14 @@ def test_a_gpu_consumer_and_its_children_are_watched_although_no_name_matches() 
         nvml.open()
         try:
             nvml.sample(int(time.time() * 1000))
-            deadline = time.monotonic() + 5
             started: set[int] = set()
-            while time.monotonic() < deadline and len(started) < 2:
+
+            def both_started() -> bool:
                 events = procfs.sample(int(time.time() * 1000))  # type: ignore[attr-defined]
-                started |= {e.pid for e in events if e.value == "start" and e.pid is not None}
+                started.update(e.pid for e in events if e.value == "start" and e.pid is not None)
+                return len(started) >= 2
+
+            wait_for(both_started, timeout=5, what="the launcher and its child to be seen starting", interval=0.02)
             kids = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text()
             children = {int(p) for p in kids.split()}
             assert launcher.pid in started

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import zmq
+from waiting import wait_for
 
 from xctl.core.errors import UsageError, XctlError
 from xctl.core.events import Event, EventType
@@ -191,10 +191,11 @@ def test_events_pub_sub_round_trip(ctx: zmq.Context[Any]) -> None:
     event = Event(ts=1, type=EventType.COMPUTE_UTIL, entity="gpu-0", value="5")
     batch = EventBatch(node="n", epoch="e", seq=0, sent_ts=1, events=(event,))
     # PUB drops until the subscription has arrived: publish until the first one lands.
-    deadline = time.monotonic() + 5
-    while not sub.poll(20):
-        assert time.monotonic() < deadline, "no batch arrived"
+    def landed() -> int:
         pub.send_multipart(batch_frames(batch))
+        return sub.poll(20)
+
+    wait_for(landed, timeout=5, what="a batch to arrive", interval=0)
     received, rejects = read_batch(sub.recv_multipart())
     assert received == batch
     assert not rejects
